@@ -1,0 +1,81 @@
+"""Contract of ``mla::sparse_decode``: sparse MLA decoding over a paged FP8 cache.
+
+q [b, s_q, h_q, d_qk]; k_cache packed FP8 [num_blocks, block_size, 1, bytes] whose layout follows
+d_qk (576 -> V32, 512 -> MODEL1); indices [b, s_q, topk] int32 in-cache positions
+(block * block_size + offset); topk_length [b] keeps the first topk_length[i] indices of batch i.
+extra_k_cache / extra_indices [b, s_q, extra_topk] / extra_topk_length [b] add a second key set
+(its own block size, same layout); the softmax runs over the union. Values are the first d_v
+dequantized columns of each key. Outputs: out [b, s_q, h_q, d_v] (q's dtype), lse [b, h_q, s_q] f32 (f64 for f64 q).
+schedule_metadata / num_splits come from ``mla::decode_schedule`` (optional; a backend that splits
+work computes its own when absent).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import (stats_dtype, FLOAT_DTYPES, check_attn_sink, check_device, check_dtype, check_index,
+                     check_last_dim_contiguous, check_optional_index, check_finite_scale,
+                     check_rank, check_size, define)
+from .layouts import check_fp8_cache, layout_for_d_qk
+from .schedule import check_schedule
+
+FWD = define(
+    "sparse_decode(Tensor q, Tensor k_cache, Tensor indices, Tensor? topk_length=None, "
+    "Tensor? attn_sink=None, Tensor? extra_k_cache=None, Tensor? extra_indices=None, "
+    "Tensor? extra_topk_length=None, int d_v=512, float sm_scale=1.0, "
+    "Tensor? schedule_metadata=None, Tensor? num_splits=None) -> (Tensor out, Tensor lse)"
+)
+
+
+def check_sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
+                        extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
+                        schedule_metadata=None, num_splits=None):
+    check_rank("q", q, 4, "[b, s_q, h_q, d_qk]")
+    check_dtype("q", q, FLOAT_DTYPES)
+    check_last_dim_contiguous("q", q)
+    b, s_q, h_q, d_qk = q.shape
+    layout = layout_for_d_qk(d_qk)
+    check_fp8_cache("k_cache", k_cache, layout)
+    check_device("k_cache", k_cache, "q", q)
+    torch._check(
+        0 < d_v <= layout.d,
+        lambda: f"d_v must be in [1, {layout.d}] (values are the first d_v columns of a key), "
+        f"got {d_v}",
+    )
+    check_finite_scale(sm_scale)
+    check_index("indices", indices, 3, "[b, s_q, topk]", "q", q)
+    check_size("indices", indices, 0, b, "batch of q")
+    check_size("indices", indices, 1, s_q, "s_q of q")
+    check_last_dim_contiguous("indices", indices)
+    check_optional_index("topk_length", topk_length, (b,), "[b]", "q", q)
+    check_attn_sink(attn_sink, h_q, q)
+    torch._check(
+        (extra_k_cache is None) == (extra_indices is None),
+        lambda: "extra_k_cache and extra_indices must be given together "
+        f"(got extra_k_cache {'set' if extra_k_cache is not None else 'None'}, "
+        f"extra_indices {'set' if extra_indices is not None else 'None'})",
+    )
+    torch._check(
+        extra_topk_length is None or extra_indices is not None,
+        lambda: "extra_topk_length needs extra_k_cache and extra_indices",
+    )
+    if extra_k_cache is not None:
+        check_fp8_cache("extra_k_cache", extra_k_cache, layout)
+        check_device("extra_k_cache", extra_k_cache, "q", q)
+        check_index("extra_indices", extra_indices, 3, "[b, s_q, extra_topk]", "q", q)
+        check_size("extra_indices", extra_indices, 0, b, "batch of q")
+        check_size("extra_indices", extra_indices, 1, s_q, "s_q of q")
+        check_last_dim_contiguous("extra_indices", extra_indices)
+        check_optional_index("extra_topk_length", extra_topk_length, (b,), "[b]", "q", q)
+    check_schedule(schedule_metadata, num_splits, b, q)
+
+
+@torch.library.register_fake(FWD)
+def _sparse_decode_fake(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
+                        extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
+                        schedule_metadata=None, num_splits=None):
+    check_sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache, extra_indices,
+                        extra_topk_length, d_v, sm_scale, schedule_metadata, num_splits)
+    b, s_q, h_q, _ = q.shape
+    return q.new_empty((b, s_q, h_q, d_v)), q.new_empty((b, h_q, s_q), dtype=stats_dtype(q))

@@ -1,0 +1,25 @@
+"""Exact PyTorch implementations of every ``mla`` op (fp32 accumulation; fp64 inputs compute in
+fp64 so gradients can be checked with gradcheck). The CPU kernels and the oracle of the others."""
+
+from __future__ import annotations
+
+from .. import _dispatch
+from . import dense_decode, dense_prefill, kv_cache, schedule, sparse_decode, sparse_prefill
+
+# Submodules keep their names (torch_mla.reference.sparse_prefill is the module); the op table
+# points at the functions.
+IMPLS = {
+    "sparse_prefill": sparse_prefill.sparse_prefill,
+    "sparse_prefill_backward": sparse_prefill.sparse_prefill_backward,
+    "sparse_decode": sparse_decode.sparse_decode,
+    "dense_decode": dense_decode.dense_decode,
+    "dense_prefill": dense_prefill.dense_prefill,
+    "dense_prefill_backward": dense_prefill.dense_prefill_backward,
+    "quantize_kv_cache": kv_cache.quantize_kv_cache,
+    "dequantize_kv_cache": kv_cache.dequantize_kv_cache,
+    "write_kv_cache": kv_cache.write_kv_cache,
+    "decode_schedule": schedule.decode_schedule,
+}
+
+# The reference runs every op on any device, for any input the contract accepts.
+_dispatch.register_backend(_dispatch.Backend("reference", IMPLS))
