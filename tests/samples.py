@@ -170,3 +170,138 @@ SAMPLES = {
     "write_kv_cache": write_kv_cache,
     "decode_schedule": decode_schedule,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# DSA lightning indexer. FP8 inputs are given as uint8 bytes: opcheck compares inputs with
+# kernels that float8 lacks on the CPU (the float8 dtype is covered by test_indexer_reference).
+# ---------------------------------------------------------------------------------------------
+
+def _fp8_bytes(x, hadamard=True):
+    q, s = torch_mla.indexer_quantize(x, hadamard=hadamard)
+    return q.view(torch.uint8), s
+
+
+def indexer_quantize(seed=0):
+    g = _g(seed)
+    zero_row = torch.randn(4, 8, generator=g)
+    zero_row[1] = 0
+    return [("hadamard_bf16", (torch.randn(3, 2, 16, generator=g).to(torch.bfloat16), True, "fp32")),
+            ("ue8m0_zero_row", (zero_row, True, "ue8m0")),
+            ("plain_fp16_d12", (torch.randn(5, 12, generator=g).to(torch.float16), False, "fp32"))]
+
+
+def indexer_logits(seed=0):
+    g = _g(seed)
+    s_q, h, d, s_k = 5, 3, 16, 7
+    q, q_scale = _fp8_bytes(torch.randn(s_q, h, d, generator=g))
+    k, k_scale = _fp8_bytes(torch.randn(s_k, d, generator=g))
+    w = torch.randn(s_q, h, generator=g) * q_scale
+    # two packed sequences (keys 0..3 and 3..7), causal; the last query's window is empty
+    k_start = torch.tensor([0, 0, 3, 3, 5], dtype=torch.int32)
+    k_end = torch.tensor([2, 3, 5, 7, 5], dtype=torch.int32)
+    return [("ragged_causal", (q, k, k_scale, w, k_start, k_end))]
+
+
+def _indexer_cache(num_blocks, block_size, d, seed, pad=0):
+    store = torch.zeros(num_blocks, block_size * (d + 4) + pad, dtype=torch.uint8)
+    cache = store[:, : block_size * (d + 4)].view(num_blocks, block_size, 1, d + 4)
+    k = torch.randn(num_blocks * block_size, d, generator=_g(seed)).to(torch.bfloat16)
+    torch_mla.write_indexer_cache(cache, k, torch.arange(num_blocks * block_size))
+    return cache
+
+
+def write_indexer_cache(seed=0):
+    g = _g(seed)
+    out = []
+    for name, (pad, hadamard, fmt) in {"plain": (0, True, "fp32"),
+                                       "padded_ue8m0_nohadamard": (12, False, "ue8m0")}.items():
+        cache = _indexer_cache(3, 4, 16, seed, pad)
+        k = torch.randn(4, 16, generator=g).to(torch.bfloat16)
+        slots = torch.tensor([1, -1, 11, 100], dtype=torch.int64)
+        out.append((name, (cache, k, slots, hadamard, fmt)))
+    return out
+
+
+def indexer_logits_paged(seed=0):
+    g = _g(seed)
+    b, n, h, d, bs = 2, 2, 3, 16, 4
+    cache = _indexer_cache(4, bs, d, seed, pad=8)
+    q, q_scale = _fp8_bytes(torch.randn(b, n, h, d, generator=g))
+    w = (torch.randn(b, n, h, generator=g) * q_scale).view(b * n, h)
+    context_lens = torch.tensor([5, 9], dtype=torch.int32)
+    block_table = torch.tensor([[2, 0, -1], [1, 3, 2]], dtype=torch.int32)
+    return [("mtp2", (q, cache, w, context_lens, block_table, 12))]
+
+
+def indexer_topk(seed=0):
+    g = _g(seed)
+    logits = torch.randn(4, 10, generator=g).round()  # rounding makes ties
+    logits[0, 3] = float("-inf")
+    logits[2] = float("-inf")
+    k_start = torch.tensor([0, 2, 0, 9], dtype=torch.int32)
+    k_end = torch.tensor([10, 6, 10, 3], dtype=torch.int32)
+    return [("whole_rows", (logits, 5, None, None)),
+            ("windows", (logits, 3, k_start, k_end)),
+            ("k_past_s_k", (logits, 12, None, k_end))]
+
+
+def indexer_scores(dtype=torch.float32, requires_grad=False, seed=0):
+    g = _g(seed)
+    s_q, h, d, s_k, topk = 4, 3, 8, 6, 5
+    q = torch.randn(s_q, h, d, generator=g).to(dtype).requires_grad_(requires_grad)
+    k = torch.randn(s_k, d, generator=g).to(dtype).requires_grad_(requires_grad)
+    w = torch.randn(s_q, h, generator=g).to(dtype).requires_grad_(requires_grad)
+    idx = _indices((s_q, topk), s_k, g)
+    return [("mixed_invalid", (q, k, w, idx))]
+
+
+def indexer_scores_backward(seed=0):
+    out = []
+    for name, args in indexer_scores(seed=seed):
+        grad = torch.randn(args[0].shape[0], args[3].shape[1], generator=_g(seed + 1))
+        out.append((name, (grad, *args)))
+    return out
+
+
+def sparse_attn_scores(seed=0):
+    g = _g(seed)
+    out = []
+    for name, lens in {"plain": False, "topk_length": True}.items():
+        s_q, h, d, s_kv, topk = 4, 3, 16, 7, 5
+        q = torch.randn(s_q, h, d, generator=g)
+        kv = torch.randn(s_kv, 1, d, generator=g)
+        idx = _indices((s_q, 1, topk), s_kv, g)
+        topk_length = (torch.tensor([5, 2, 0, 4], dtype=torch.int32) if lens else None)
+        _, _, lse = torch.ops.mla.sparse_prefill(q, kv, idx, d ** -0.5, d, None, topk_length)
+        out.append((name, (q, kv, idx, lse, d ** -0.5, topk_length)))
+    return out
+
+
+def dense_attn_scores(seed=0):
+    g = _g(seed)
+    s_q, h, d, s_k = 4, 3, 16, 6
+    q = torch.randn(s_q, h, d, generator=g)
+    kv = torch.randn(s_k, 1, d, generator=g)
+    k_start = torch.tensor([0, 0, 3, 3], dtype=torch.int32)
+    k_end = torch.tensor([1, 3, 4, 3], dtype=torch.int32)
+    logits = torch.einsum("qhd,kd->qhk", q, kv[:, 0]) * d ** -0.5
+    cols = torch.arange(s_k)
+    inside = (cols >= k_start[:, None].long()) & (cols < k_end[:, None].long())
+    lse = torch.logsumexp(logits.masked_fill(~inside[:, None], float("-inf")), -1)
+    lse = torch.where(torch.isfinite(lse), lse, float("inf"))
+    return [("windows", (q, kv, lse, d ** -0.5, k_start, k_end)),
+            ("whole_rows", (q, kv, torch.logsumexp(logits, -1), d ** -0.5, None, None))]
+
+
+SAMPLES.update({
+    "indexer_quantize": indexer_quantize,
+    "indexer_logits": indexer_logits,
+    "write_indexer_cache": write_indexer_cache,
+    "indexer_logits_paged": indexer_logits_paged,
+    "indexer_topk": indexer_topk,
+    "indexer_scores": indexer_scores,
+    "indexer_scores_backward": indexer_scores_backward,
+    "sparse_attn_scores": sparse_attn_scores,
+    "dense_attn_scores": dense_attn_scores,
+})

@@ -25,7 +25,16 @@ mla::dense_prefill_backward(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor
 mla::quantize_kv_cache(Tensor kv, str layout) -> Tensor
 mla::dequantize_kv_cache(Tensor k_cache, str layout) -> Tensor
 mla::write_kv_cache(Tensor(a!) k_cache, Tensor kv, Tensor slot_mapping, str layout) -> ()
-mla::decode_schedule(Tensor seqlens, int num_parts, int block_n=64) -> (Tensor metadata, Tensor num_splits)""")
+mla::decode_schedule(Tensor seqlens, int num_parts, int block_n=64) -> (Tensor metadata, Tensor num_splits)
+mla::indexer_quantize(Tensor x, bool hadamard=True, str scale_format="fp32") -> (Tensor x_fp8, Tensor scale)
+mla::indexer_logits(Tensor q_fp8, Tensor k_fp8, Tensor k_scale, Tensor weights, Tensor k_start, Tensor k_end) -> Tensor
+mla::write_indexer_cache(Tensor(a!) cache, Tensor k, Tensor slot_mapping, bool hadamard=True, str scale_format="fp32") -> ()
+mla::indexer_logits_paged(Tensor q_fp8, Tensor cache, Tensor weights, Tensor context_lens, Tensor block_table, SymInt max_context_len) -> Tensor
+mla::indexer_topk(Tensor logits, int k, Tensor? k_start=None, Tensor? k_end=None) -> Tensor
+mla::indexer_scores(Tensor q, Tensor k, Tensor weights, Tensor indices) -> Tensor
+mla::indexer_scores_backward(Tensor grad, Tensor q, Tensor k, Tensor weights, Tensor indices) -> (Tensor dq, Tensor dk, Tensor dweights)
+mla::sparse_attn_scores(Tensor q, Tensor kv, Tensor indices, Tensor lse, float sm_scale, Tensor? topk_length=None) -> Tensor
+mla::dense_attn_scores(Tensor q, Tensor kv, Tensor lse, float sm_scale, Tensor? k_start=None, Tensor? k_end=None) -> Tensor""")
 
     def test_every_op_has_samples(self):
         self.assertEqual(sorted(SAMPLES), sorted(torch_mla.meta.OPS))

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from . import _dispatch
+from . import indexer as _indexer
 
 Tensor = torch.Tensor
 
@@ -227,6 +228,7 @@ _ARGS = {
     "dequantize_kv_cache": _dequantize_kv_cache_args,
     "write_kv_cache": _write_kv_cache_args,
     "decode_schedule": _decode_schedule_args,
+    **_indexer.ARGS,
 }
 
 
