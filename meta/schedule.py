@@ -7,8 +7,9 @@ per persistent CTA group. Outputs, all int32 and computed with tensor ops (no ho
 capturable, reusable by every layer of a step):
 
 - ``metadata [num_parts, 8]``: per part ``(begin_batch, begin_block, end_batch, end_block,
-  first_split, 0, 0, 0)``; the part covers blocks from (begin_batch, begin_block) up to but not
-  including (end_batch, end_block), end_block counted within end_batch; an empty part has
+  first_split, block_n, 0, 0)``; the part covers blocks from (begin_batch, begin_block) up to but not
+  including (end_batch, end_block), end_block counted within end_batch; blocks are of block_n
+  keys (recorded so that a kernel can refuse or adapt to another unit); an empty part has
   begin_batch == b. ``first_split`` is the index, in the split-KV workspace, of the part's first
   partial result.
 - ``num_splits [b + 1]``: exclusive prefix sum of the number of parts touching each batch element

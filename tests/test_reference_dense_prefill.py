@@ -240,3 +240,30 @@ def test_reads_no_value_on_host():
     assert out.shape == (7, 4, 8) and lse.shape == (7, 4)
     grads = REF.dense_prefill_backward(out, lse, q, k, v, out, lse, cu, cu, 5, 5, 0.5, True)
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_nan_in_padding_tokens_never_leaks():
+    """Tokens past cu_seqlens[-1] belong to no sequence: NaN there reaches neither out, lse nor
+    the gradients of the real tokens (and their own gradients are 0)."""
+    g = torch.Generator().manual_seed(11)
+    cu_q = torch.tensor([0, 3, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 7], dtype=torch.int32)
+    q = torch.randn(5 + 2, 4, 16, generator=g, dtype=torch.float64)  # 2 padding query tokens
+    k = torch.randn(7 + 3, 2, 16, generator=g, dtype=torch.float64)  # 3 padding key tokens
+    v = torch.randn(7 + 3, 2, 8, generator=g, dtype=torch.float64)
+    for t in (q[5:], k[7:], v[7:]):
+        t.fill_(float("nan"))
+    for causal in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = torch_mla.dense_prefill(*leaves, cu_q, cu_k, 3, 4, causal=causal)
+        clean = [x[:n].clone().requires_grad_() for x, n in ((q, 5), (k, 7), (v, 7))]
+        out_c, lse_c = torch_mla.dense_prefill(*clean, cu_q, cu_k, 3, 4, causal=causal)
+        torch.testing.assert_close(out[:5], out_c)
+        torch.testing.assert_close(lse[:5], lse_c)
+        assert (out[5:] == 0).all() and (lse[5:] == float("inf")).all()
+        weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        (out * weights).sum().backward()
+        (out_c * weights[:5]).sum().backward()
+        for full, part, n in zip(leaves, clean, (5, 7, 7)):
+            torch.testing.assert_close(full.grad[:n], part.grad)
+            assert (full.grad[n:] == 0).all()

@@ -39,6 +39,7 @@ def test_schedule_covers_all_work_once(seed):
     sched = torch_mla.decode_schedule(seqlens, num_parts=num_parts, block_n=block_n)
     assert sched.metadata.shape == (num_parts, 8) and sched.metadata.dtype == torch.int32
     assert sched.num_splits.shape == (b + 1,) and sched.num_splits.dtype == torch.int32
+    assert (sched.metadata[:, 5] == block_n).all()
     seen, nblocks = _expand(sched.metadata, sched.num_splits, seqlens, block_n)
     assert set(seen) == {(i, j) for i in range(b) for j in range(nblocks[i])}
     # each batch element gets as many splits as distinct parts touching it, numbered densely

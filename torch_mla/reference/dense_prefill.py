@@ -47,7 +47,7 @@ class _Layout:
 
     def __init__(self, cu_seqlens_q, cu_seqlens_k, t_q, t_k, causal):
         self.seq_q, self.pos_q, self.valid_q = _tokens(cu_seqlens_q, t_q)
-        self.seq_k, self.pos_k, _ = _tokens(cu_seqlens_k, t_k)
+        self.seq_k, self.pos_k, self.valid_k = _tokens(cu_seqlens_k, t_k)
         self.causal = causal
         if causal:
             cu_q = cu_seqlens_q.to(torch.int64)
@@ -62,6 +62,11 @@ class _Layout:
         if self.causal:
             m = m & (self.pos_k[None, :] <= self.last_k[r0:r1, None])
         return m
+
+    def zero_padding(self, x, valid, cdt):
+        """x in cdt with padding tokens (owned by no sequence) zeroed: whatever they hold, NaN
+        included, must not reach a result through a 0 * NaN in a contraction."""
+        return torch.where(valid.view(-1, *([1] * (x.dim() - 1))), x.to(cdt), 0.0)
 
 
 def _row_chunk(h_q, t_k):
@@ -86,13 +91,15 @@ def dense_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return out, lse  # no key or no sequence: every query sees nothing
 
     layout = _Layout(cu_seqlens_q, cu_seqlens_k, t_q, t_k, causal)
-    kc, vc = k.to(cdt), v.to(cdt)
+    qz = layout.zero_padding(q, layout.valid_q, cdt)
+    kc = layout.zero_padding(k, layout.valid_k, cdt)
+    vc = layout.zero_padding(v, layout.valid_k, cdt)
     rows = _row_chunk(h_q, t_k)
     for r0 in range(0, t_q, rows):
         r1 = min(t_q, r0 + rows)
         n = r1 - r0
         mask = layout.mask(r0, r1)
-        s = _logits(q[r0:r1].to(cdt).view(n, h_k, group, d_qk), kc, mask, sm_scale)
+        s = _logits(qz[r0:r1].view(n, h_k, group, d_qk), kc, mask, sm_scale)
         row_max = s.amax(-1)
         # Rows with no visible key: shift by 0 so that exp(-inf) = 0 rather than NaN.
         shift = torch.where(row_max == -math.inf, 0.0, row_max)
@@ -125,14 +132,17 @@ def dense_prefill_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqle
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     layout = _Layout(cu_seqlens_q, cu_seqlens_k, t_q, t_k, causal)
-    kc, vc = k.to(cdt), v.to(cdt)
+    qz = layout.zero_padding(q, layout.valid_q, cdt)
+    doz = layout.zero_padding(dout, layout.valid_q, cdt)
+    kc = layout.zero_padding(k, layout.valid_k, cdt)
+    vc = layout.zero_padding(v, layout.valid_k, cdt)
     rows = _row_chunk(h_q, t_k)
     for r0 in range(0, t_q, rows):
         r1 = min(t_q, r0 + rows)
         n = r1 - r0
         mask = layout.mask(r0, r1)
-        qc = q[r0:r1].to(cdt).view(n, h_k, group, d_qk)
-        doc = dout[r0:r1].to(cdt).view(n, h_k, group, d_v)
+        qc = qz[r0:r1].view(n, h_k, group, d_qk)
+        doc = doz[r0:r1].view(n, h_k, group, d_v)
         # [h_k, group, rows] views of the per-(query, head) statistics
         lse_c = lse[r0:r1].to(cdt).view(n, h_k, group).permute(1, 2, 0)
         dlse_c = dlse[r0:r1].to(cdt).view(n, h_k, group).permute(1, 2, 0)

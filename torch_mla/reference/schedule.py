@@ -44,4 +44,5 @@ def decode_schedule(seqlens: torch.Tensor, num_parts: int, block_n: int = 64):
     meta[:, 2] = torch.where(empty, torch.full_like(p, b), last_b)
     meta[:, 3] = torch.where(empty, torch.zeros_like(p), end_block)
     meta[:, 4] = torch.where(empty, num_splits[-1].expand(num_parts), first_split)
+    meta[:, 5] = block_n  # kernels read block counts in these units
     return meta.to(torch.int32), num_splits.to(torch.int32)
