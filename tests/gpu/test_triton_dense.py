@@ -133,10 +133,14 @@ def _prefill_both(lens_q, lens_k, h_q, h_k, d_qk, d_v, causal, dtype=torch.bfloa
     mq, mk = max(lens_q), max(lens_k)
     scale = d_qk ** -0.5
     args = (q, k, v, cu_q, cu_k, mq, mk, scale, causal)
+    # The reference multiplies padding rows by an exact 0 (0 * NaN = NaN), so it gets copies
+    # whose padding is 0; the Triton kernels get the NaN-poisoned tensors and must not read them.
+    clean = [torch.nan_to_num(x, nan=0.0) for x in (q, k, v)]
+    ref_args = (*clean, cu_q, cu_k, mq, mk, scale, causal)
     with torch_mla.use_backend("triton"):
         out, lse = _no_sync(lambda: torch.ops.mla.dense_prefill(*args))
     with torch_mla.use_backend("reference"):
-        ref_out, ref_lse = torch.ops.mla.dense_prefill(*args)
+        ref_out, ref_lse = torch.ops.mla.dense_prefill(*ref_args)
     none = ref_lse.isinf()
     assert not out.isnan().any() and not lse.isnan().any()
     assert torch.equal(lse.isinf(), none) and (out[none] == 0).all()
@@ -149,7 +153,8 @@ def _prefill_both(lens_q, lens_k, h_q, h_k, d_qk, d_v, causal, dtype=torch.bfloa
     with torch_mla.use_backend("triton"):
         grads = _no_sync(lambda: torch.ops.mla.dense_prefill_backward(*bargs))
     with torch_mla.use_backend("reference"):
-        ref_grads = torch.ops.mla.dense_prefill_backward(*bargs)
+        ref_grads = torch.ops.mla.dense_prefill_backward(
+            dout, dlse, *clean, ref_out, ref_lse, cu_q, cu_k, mq, mk, scale, causal)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert not g.isnan().any(), name
         assert (g[r.abs().amax((1, 2)) == 0] == 0).all(), name  # padding / unseen: exact 0

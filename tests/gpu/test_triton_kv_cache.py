@@ -56,9 +56,21 @@ def _triton(fn, *args):
         return fn(*args)
 
 
+@pytest.fixture(params=["int", "hw"])
+def e4m3_path(request, monkeypatch):
+    """The integer f32 -> e4m3 conversion (default) and the hardware one (SM89+)."""
+    from torch_mla.triton import kv_cache as tri_kv
+
+    if request.param == "hw":
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("the hardware e4m3 conversion needs SM89+")
+        monkeypatch.setattr(tri_kv, "USE_HW_E4M3", True)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["v32", "model1"])
 @pytest.mark.parametrize("nb,bs", [(4096, 64), (256, 256), (7, 2), (5, 61), (3, 576)])
-def test_quantize_bytes(layout, nb, bs):
+def test_quantize_bytes(layout, nb, bs, e4m3_path):
     lay = LAYOUTS[layout]
     kv = _kv(nb * bs, lay, nb + bs).view(nb, bs, 1, lay.d)
     got = _triton(torch_mla.quantize_kv_cache, kv, layout)
@@ -87,7 +99,7 @@ def test_dequantize_random_bytes(layout, dtype):
 
 @pytest.mark.parametrize("layout", ["v32", "model1"])
 @pytest.mark.parametrize("n,num_slots_mult", [(128, 4), (1000, 1), (16384, 2), (40000, 1)])
-def test_write_against_reference_repeated(layout, n, num_slots_mult):
+def test_write_against_reference_repeated(layout, n, num_slots_mult, e4m3_path):
     """n <= 1024 takes the in-kernel scan, larger n the device sort; many duplicates (n rows
     over n * mult / 2 slots, plus skipped and out-of-range ones), run several times."""
     lay = LAYOUTS[layout]
@@ -155,7 +167,7 @@ def test_write_captures_in_cuda_graph(layout):
         assert torch.equal(flat, f_ref)
 
 
-def test_quantize_inf_nan_same_as_reference_up_to_nan_sign():
+def test_quantize_inf_nan_same_as_reference_up_to_nan_sign(e4m3_path):
     for layout, lay in LAYOUTS.items():
         kv = _kv(6, lay, 9)
         kv[0, 3] = float("nan")
