@@ -69,3 +69,24 @@ def test_environment_variable():
     env["TORCH_MLA_BACKEND"] = "bogus"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "unknown torch_mla backend 'bogus'" in res.stderr
+
+
+def test_triton_kernels_not_gpu_verified_are_not_chosen_unless_forced(monkeypatch):
+    """On a GPU, a Triton kernel that has not passed its GPU tests is skipped with a reason unless
+    the Triton backend is forced."""
+    import types
+
+    import torch_mla.triton as tri
+    from torch_mla.triton import _common
+
+    fake_cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(_common, "device_reasons", lambda args: [])
+    monkeypatch.setattr(_common, "first_tensor", lambda args: fake_cuda)
+    op = next(o for o in tri.IMPLS if o not in tri.GPU_VERIFIED)
+    monkeypatch.setitem(tri.SUPPORTS, op, lambda *a: [])
+    assert "has not passed its GPU tests" in " ".join(tri._supports(op, ()))
+    with torch_mla.use_backend("triton"):
+        assert tri._supports(op, ()) == []
+    verified = next(iter(tri.GPU_VERIFIED & set(tri.IMPLS)))
+    monkeypatch.setitem(tri.SUPPORTS, verified, lambda *a: [])
+    assert tri._supports(verified, ()) == []

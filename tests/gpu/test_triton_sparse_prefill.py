@@ -103,6 +103,15 @@ def test_production_fp16_topk_tail_gqa():
     check_backward(ggot, gexp, args[5])
 
 
+@pytest.mark.parametrize("h_q", [16, 32])
+def test_few_heads(h_q):
+    # head blocks under 64 rows take the "small" launch configuration (MMA v2 on Hopper)
+    args = make(64, h_q, 1, 576, 512, 4096, 1024 + 24, sink=True, lens=True)
+    got, exp, ggot, gexp = run_both(args)
+    check_forward(got, exp)
+    check_backward(ggot, gexp, args[5])
+
+
 def test_all_invalid_and_zero_lengths():
     q, kv, idx, scale, d_v, sink, lens = make(16, 128, 1, 576, 512, 1024, 256, sink=True,
                                               lens=True)

@@ -14,6 +14,17 @@ from .. import _dispatch
 IMPLS: Dict[str, Callable] = {}
 SUPPORTS: Dict[str, Callable[..., List[str]]] = {}
 
+# Kernels whose tests/gpu/ suite has passed on a GPU (H100, torch 2.11, Triton 3.6). The others are
+# correct under the interpreter but are not chosen automatically on a GPU until their GPU tests
+# pass there: a kernel that was never run on the hardware could fault or be wrong at real sizes.
+# Forcing the backend (use_backend("triton") / TORCH_MLA_BACKEND=triton) runs them anyway.
+GPU_VERIFIED = frozenset({
+    "dense_decode",  # 2026-11-25, tests/gpu/test_triton_dense.py
+    "dense_prefill",  # 2026-11-25, tests/gpu/test_triton_dense.py
+    "dense_prefill_backward",  # 2026-11-25, tests/gpu/test_triton_dense.py
+    "quantize_kv_cache",  # 2026-11-25, tests/gpu/test_triton_kv_cache.py (quantize cases)
+})
+
 
 def register(op: str, impl: Callable, supports: Callable[..., List[str]]) -> None:
     IMPLS[op] = impl
@@ -21,9 +32,14 @@ def register(op: str, impl: Callable, supports: Callable[..., List[str]]) -> Non
 
 
 def _supports(op: str, args: Sequence) -> List[str]:
-    from ._common import device_reasons
+    from ._common import device_reasons, first_tensor
 
-    return device_reasons(args) or list(SUPPORTS[op](*args))
+    reasons = device_reasons(args) or list(SUPPORTS[op](*args))
+    if (not reasons and op not in GPU_VERIFIED and first_tensor(args).device.type == "cuda"
+            and _dispatch.forced_backend() != "triton"):
+        reasons = [f"the Triton {op} kernel has not passed its GPU tests yet "
+                   "(force it with torch_mla.use_backend('triton'))"]
+    return reasons
 
 
 try:

@@ -1,0 +1,474 @@
+"""Triton ``mla::sparse_prefill`` (forward) and ``mla::sparse_prefill_backward``.
+
+Semantics are the reference's (torch_mla/reference/sparse_prefill.py): query i, head h attends to
+the rows ``indices[i, h // g, :topk_length[i]]`` of ``kv[:, h // g]`` (g = h_q / h_kv); an index
+< 0 or >= s_kv, or at a position >= topk_length[i], is skipped and its row is never read (every
+gather is a masked load, so NaN in unused kv rows cannot leak); a duplicated index counts once per
+occurrence; a query with no valid key gets out 0, max_logits -inf, lse +inf; a sink scales out by
+sigmoid(lse - sink).
+
+Forward. One program per (query, block of ``BLOCK_H`` <= 64 heads of one kv head); the grid puts
+the head blocks of one query side by side so they gather the same rows while those sit in L2.
+The Q tile [BLOCK_H, d_v] and its tail [BLOCK_H, d_qk - d_v] (the RoPE columns: 576 = 512 + 64 is
+not a power of two, so the tail is a second, small dot) stay on chip for the whole loop. Per block
+of ``BLOCK_N`` top-k positions: load the indices, gather the K rows [BLOCK_N, d_v] (+ tail) once
+and use the same tile as V (V = K[:, :d_v]); S = Q K^T (+ tail) in fp32; online softmax in the
+log2 domain with sm_scale * log2(e) folded into one multiply; acc [BLOCK_H, d_v] fp32 += P V.
+The loop stops at min(topk, topk_length[i]), so short queries cost only their length.
+
+Backward. One program per (query, head block) again. Before the loop it reads dout, out, lse,
+dlse (and the sink) of its heads and forms, per head row,
+    f = sigmoid(lse - sink) (1 without a sink),  D = sum(dout * out)  (out includes f),
+so that, with O_raw = out / f never formed (f may be 0):
+    dS_j = P_j * (f * (dout . v_j - D) + dlse)      [the reference's formula with D = f * dL/df]
+    dq = scale * sum_j dS_j k_j,   dk_j += scale * dS_j q,   dv_j += f * P_j * dout,
+    d_sink[h] = -sum_i D * (1 - f).
+P is recomputed from the saved lse (exp2 of the log2-domain logits minus lse * log2(e)), and D
+comes from the saved out (rounded to q's dtype, as in FlashAttention; the reference instead
+recomputes O_raw in fp32): results agree with it to ~0.2-0.6% relative (bf16). dq
+accumulates in registers; each block's dK/dV rows [BLOCK_N, d_qk] go to an fp32 [s_kv, h_kv, d_qk]
+buffer through ``tl.atomic_add`` (masked to valid entries, so duplicated indices and indices
+shared by several queries add up), cast to kv's dtype at the end. A head row whose lse is +inf
+(no valid key) gets no gradient, whatever its dlse holds (even inf or NaN), as in the reference.
+d_sink partials are written per (query, head) and summed over queries by torch (deterministic).
+
+Roof at the production shape (H100 SXM: 989 dense bf16 TFLOPS by datasheet, ~800 measured for a
+large cuBLAS GEMM; 3.35 TB/s HBM, L2 50 MB), s_q 4096, h_q 128, h_kv 1, d_qk 576, d_v 512,
+topk 2048, s_kv 8192, bf16:
+  forward FLOPs (FlashMLA's count) 2 * s_q * h_q * topk * (d_qk + d_v) = 2.34 TFLOP
+      -> 2.4 ms at 989 TFLOPS; minimal bytes: q 604 MB + kv 9.4 MB + indices 34 MB + out 537 MB
+      ~= 1.18 GB -> 0.35 ms at 3.35 TB/s. Compute bound (~2000 FLOP/B, ridge ~300).
+      The gathers re-read kv rows from L2: 2 head blocks x s_q x topk x 1152 B = 19.3 GB of L2
+      reads, i.e. 2.3 TB/s at the 280 TFLOPS target (8.4 ms): within L2 bandwidth, not HBM's.
+  backward FLOPs counted as 2.5x forward (5 GEMMs of the shapes of the forward's 2: QK^T,
+      dO V^T, dS K, dS^T Q, P^T dO) = 5.85 TFLOP -> 5.9 ms at 989; minimal bytes ~2.4 GB
+      (q, dout, out, dq, kv, dkv) -> 0.7 ms: compute bound. The dK/dV atomics add
+      2 x s_q x topk x 576 fp32 = 38.6 GB of L2 reductions (the fp32 dkv buffer, 19 MB, stays
+      in L2), ~1.3 TB/s at the 200 TFLOPS target (29 ms).
+
+Measured (H100 80GB HBM3, torch 2.11, triton 3.6; s_kv 8192, one randperm row set per query,
+no sink / topk_length; triton.testing.do_bench median), against the targets of 280 / 200:
+  forward  12.05 ms = 194 TFLOPS (69% of target, 24% of the 798 TFLOPS cuBLAS GEMM);
+  backward 99.5 ms = 59 TFLOPS at the 2.5x count (29% of target), with 134 spilled registers.
+Both are short of their targets. What limits them, as far as the compiler reports go: with 64
+heads per program the fp32 accumulator [64, 512] alone takes 128 of the 255 registers of each of
+256 threads, so BLOCK_N stays at 32 (the QK^T wgmma of each warpgroup is then only 16 keys wide)
+and two pipeline stages of the [32, 576] gather plus Q use 144 KB of shared memory (one program
+per SM); Triton does not overlap the softmax of one block with the GEMMs of the next (no
+warp specialisation on Hopper in 3.6). The backward also keeps dq [64, 576] fp32 (144 registers)
+next to the dK/dV tile, hence the spills; BWD_SPLIT is the untimed alternative.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DOT_F32
+from . import register
+
+LOG2E = 1.4426950408889634
+
+# Launch configurations, keyed by head-block size ("big": 64 heads and d_v >= 256, the DeepSeek
+# shapes; "small": the rest). Entries: (BLOCK_N, num_warps, num_stages). Module globals so a
+# benchmark can try others. Measured on H100 (triton 3.6), production shape, see the docstring:
+#   forward  (32, 8, 2) 12.9 ms; + index prefetch 12.05 ms (best); (32, 8, 3) 13.1; (64, 8, 1)
+#            12.7 with 116 spilled registers; (32, 8, 1) 16.1; (16, 8, 3) 20.7; 16 warps 29-61 ms
+#            (128-register cap, spills); (64, 8, 2) needs 312 KB of shared memory (limit 227 KB).
+#   backward (32, 8, 1) + BWD_DK_TRANSPOSED 99.5 ms (134 spilled registers); (16, 8, 1) + T
+#            104.8 ms; not transposed: 272-312 KB of shared memory, does not launch.
+FWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (32, 4, 2)}
+BWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 1), "small": (16, 4, 1)}
+# Backward: compute the dK/dV rows transposed ([d, BLOCK_N], so the GEMM's M is d rather than
+# BLOCK_N, which is < 64) when True. False is the plain [BLOCK_N, d] form.
+BWD_DK_TRANSPOSED = True
+# Backward as two launches (dq; then dK/dV), each recomputing P and dS: 7 GEMMs instead of 5, but
+# neither keeps both the dq accumulator and the dK/dV tile in registers. Correct (CPU tests) but
+# not yet timed on a GPU: a candidate against the fused kernel's register spills.
+BWD_SPLIT = False
+BWD_SPLIT_CONFIG: Dict[str, Tuple[int, int, int]] = {"dq": (32, 8, 2), "dkv": (32, 8, 1)}
+
+# Read each block's indices one loop iteration ahead. Forward: +7% on H100, results checked
+# there. Backward: off, because the one H100 run with it on (fused kernel, (32, 8, 1), transposed
+# dK) ended in an illegal memory access whose cause is not found (the interpreter finds it
+# correct; the same kernel without the prefetch ran and matched the reference).
+PREFETCH_IDX = True
+BWD_PREFETCH_IDX = False
+
+MAX_D_V = 512
+MAX_D_TAIL = 128
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, n)))
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_F32: tl.constexpr):
+    # The interpreter multiplies 16-bit dot operands as raw bits: upcast there, never on the GPU.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_rows(base, rows_ok, offs, D: tl.constexpr, BLOCK: tl.constexpr):
+    """[len(rows_ok), BLOCK] tile of ``base[:, offs]``; rows not ok and columns >= D read as 0
+    and are never touched. The column mask is only built when BLOCK pads D (constexpr), so the
+    production tiles keep plain row masks."""
+    if BLOCK == D:
+        return tl.load(base + offs[None, :], mask=rows_ok[:, None], other=0.0)
+    else:
+        return tl.load(base + offs[None, :], mask=rows_ok[:, None] & (offs[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, KV, IDX, LENS, SINK, OUT, ML, LSE,
+    stride_qs, stride_qh, stride_kvs, stride_kvh, stride_is, stride_ih,
+    stride_os, stride_oh, stride_ls,
+    s_kv, topk, group, scale_log2,
+    D_V: tl.constexpr, D_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr,
+    PREFETCH_IDX: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1).to(tl.int64)
+    n_hblk = tl.cdiv(group, BLOCK_H)
+    kvh = pid_h // n_hblk
+    offs_g = (pid_h % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)  # head within its kv group
+    hmask = offs_g < group
+    head = kvh * group + offs_g
+    offs_v = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_DT)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_rows = Q + pid_s * stride_qs + head[:, None] * stride_qh
+    q = _load_rows(q_rows, hmask, offs_v, D_V, BLOCK_DV)
+    if HAS_TAIL:
+        qt = _load_rows(q_rows + D_V, hmask, offs_t, D_T, BLOCK_DT)
+
+    n_keys = topk
+    if HAS_LEN:
+        n_keys = tl.maximum(tl.minimum(tl.load(LENS + pid_s), topk), 0)
+    idx_row = IDX + pid_s * stride_is + kvh * stride_ih
+    kv_head = KV + kvh * stride_kvh
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if PREFETCH_IDX:
+        idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
+    for start in range(0, n_keys, BLOCK_N):
+        pos = start + offs_n
+        in_len = pos < n_keys
+        if PREFETCH_IDX:
+            # The next block's indices are read one iteration ahead, so this block's row gather
+            # depends on no load of its own iteration and the pipeliner can issue it early.
+            idx = idx_next
+            idx_next = tl.load(idx_row + pos + BLOCK_N, mask=pos + BLOCK_N < n_keys, other=-1)
+        else:
+            idx = tl.load(idx_row + pos, mask=in_len, other=-1)
+        valid = in_len & (idx >= 0) & (idx < s_kv)
+        k_rows = kv_head + idx.to(tl.int64)[:, None] * stride_kvs
+        k = _load_rows(k_rows, valid, offs_v, D_V, BLOCK_DV)  # [BLOCK_N, BLOCK_DV], also V
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
+        if HAS_TAIL:
+            kt = _load_rows(k_rows + D_V, valid, offs_t, D_T, BLOCK_DT)
+            s = _mm(qt, tl.trans(kt), s, DOT_F32)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no valid key keep m = -inf: subtract 0 there instead, so that
+        # exp2(-inf - -inf) = NaN never happens (their p and alpha are 0 / irrelevant).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(p.to(k.dtype), k, acc * alpha[:, None], DOT_F32)
+        m_i = m_new
+
+    has_key = l_i > 0.0  # the max key alone contributes exp2(0) = 1
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    if HAS_SINK:
+        sink = tl.load(SINK + head, mask=hmask, other=0.0).to(tl.float32)
+        # sigmoid(lse - sink) = 1 / (1 + exp(sink - lse)): sink +inf -> 0, -inf -> 1, never NaN.
+        # Rows with no key use lse 0 (their out is 0 anyway) to keep inf - inf out.
+        lse_f = tl.where(has_key, lse, 0.0)
+        out = out / (1.0 + tl.exp2((sink - lse_f) * 1.4426950408889634))[:, None]
+    o_rows = OUT + pid_s * stride_os + head[:, None] * stride_oh + offs_v[None, :]
+    if BLOCK_DV == D_V:
+        tl.store(o_rows, out.to(OUT.dtype.element_ty), mask=hmask[:, None])
+    else:
+        tl.store(o_rows, out.to(OUT.dtype.element_ty),
+                 mask=hmask[:, None] & (offs_v[None, :] < D_V))
+    tl.store(ML + pid_s * stride_ls + head, m_i * 0.6931471805599453, mask=hmask)
+    tl.store(LSE + pid_s * stride_ls + head, lse, mask=hmask)
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, KV, IDX, LENS, SINK, DO, O, DLSE, LSE, DQ, DKV, DSINK,
+    stride_qs, stride_qh, stride_kvs, stride_kvh, stride_is, stride_ih,
+    stride_dos, stride_doh, stride_os, stride_oh, stride_dls, stride_dlh, stride_ls, stride_lh,
+    stride_dqs, stride_dqh, stride_dkvs, stride_dkvh,
+    s_kv, topk, group, h_q, sm_scale, scale_log2,
+    D_V: tl.constexpr, D_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr,
+    DO_DQ: tl.constexpr, DO_DKV: tl.constexpr, DK_T: tl.constexpr, PREFETCH_IDX: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1).to(tl.int64)
+    n_hblk = tl.cdiv(group, BLOCK_H)
+    kvh = pid_h // n_hblk
+    offs_g = (pid_h % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs_g < group
+    head = kvh * group + offs_g
+    offs_v = tl.arange(0, BLOCK_DV)
+    offs_t = tl.arange(0, BLOCK_DT)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_rows = Q + pid_s * stride_qs + head[:, None] * stride_qh
+    q = _load_rows(q_rows, hmask, offs_v, D_V, BLOCK_DV)
+    if HAS_TAIL:
+        qt = _load_rows(q_rows + D_V, hmask, offs_t, D_T, BLOCK_DT)
+    do_rows = DO + pid_s * stride_dos + head[:, None] * stride_doh
+    do = _load_rows(do_rows, hmask, offs_v, D_V, BLOCK_DV)
+    o = _load_rows(O + pid_s * stride_os + head[:, None] * stride_oh, hmask, offs_v, D_V, BLOCK_DV)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # D = dout . out (out holds f)
+    lse = tl.load(LSE + pid_s * stride_ls + head * stride_lh, mask=hmask, other=float("inf"))
+    dl = tl.load(DLSE + pid_s * stride_dls + head * stride_dlh, mask=hmask, other=0.0)
+    # lse = +inf marks a row with no valid key: it gets no gradient at all (dlse dropped too).
+    row_ok = hmask & (lse < float("inf"))
+    lse_ok = tl.where(row_ok, lse, 0.0)
+    if HAS_SINK:
+        sink = tl.load(SINK + head, mask=hmask, other=0.0).to(tl.float32)
+        f = 1.0 / (1.0 + tl.exp2((sink - lse_ok) * 1.4426950408889634))
+    else:
+        f = tl.full([BLOCK_H], 1.0, tl.float32)
+    f = tl.where(row_ok, f, 0.0)
+    dl = tl.where(row_ok, dl, 0.0)
+    delta = tl.where(row_ok, delta, 0.0)
+    if HAS_SINK and DO_DQ:
+        # dL/dsink of this (query, head): -dL/df * f * (1 - f) = -D * (1 - f); summed by the host.
+        tl.store(DSINK + pid_s * h_q + head, -delta * (1.0 - f), mask=hmask)
+    lse2 = lse_ok * 1.4426950408889634
+
+    n_keys = topk
+    if HAS_LEN:
+        n_keys = tl.maximum(tl.minimum(tl.load(LENS + pid_s), topk), 0)
+    idx_row = IDX + pid_s * stride_is + kvh * stride_ih
+    kv_head = KV + kvh * stride_kvh
+    dkv_head = DKV + kvh * stride_dkvh
+
+    dq = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if HAS_TAIL:
+        dqt = tl.zeros([BLOCK_H, BLOCK_DT], tl.float32)
+    if PREFETCH_IDX:
+        idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
+    for start in range(0, n_keys, BLOCK_N):
+        pos = start + offs_n
+        in_len = pos < n_keys
+        if PREFETCH_IDX:
+            # The next block's indices are read one iteration ahead, so this block's row gather
+            # depends on no load of its own iteration and the pipeliner can issue it early.
+            idx = idx_next
+            idx_next = tl.load(idx_row + pos + BLOCK_N, mask=pos + BLOCK_N < n_keys, other=-1)
+        else:
+            idx = tl.load(idx_row + pos, mask=in_len, other=-1)
+        valid = in_len & (idx >= 0) & (idx < s_kv)
+        idx64 = idx.to(tl.int64)
+        k_rows = kv_head + idx64[:, None] * stride_kvs
+        k = _load_rows(k_rows, valid, offs_v, D_V, BLOCK_DV)
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
+        if HAS_TAIL:
+            kt = _load_rows(k_rows + D_V, valid, offs_t, D_T, BLOCK_DT)
+            s = _mm(qt, tl.trans(kt), s, DOT_F32)
+        p = tl.exp2(s * scale_log2 - lse2[:, None])
+        p = tl.where(row_ok[:, None] & valid[None, :], p, 0.0)
+        dp = _mm(do, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
+        ds = p * (f[:, None] * (dp - delta[:, None]) + dl[:, None])
+        ds_lo = (ds * sm_scale).to(k.dtype)
+        if DO_DQ:
+            dq = _mm(ds_lo, k, dq, DOT_F32)
+            if HAS_TAIL:
+                dqt = _mm(ds_lo, kt, dqt, DOT_F32)
+        pf_lo = (p * f[:, None]).to(k.dtype)
+        if not DO_DKV:
+            pass
+        elif DK_T:
+            # [d, BLOCK_N] so the GEMM's M is d (a multiple of 64) rather than BLOCK_N.
+            dkv_cols = dkv_head + idx64[None, :] * stride_dkvs
+            dk = _mm(tl.trans(q), ds_lo, tl.zeros([BLOCK_DV, BLOCK_N], tl.float32), DOT_F32)
+            dk = _mm(tl.trans(do), pf_lo, dk, DOT_F32)
+            if BLOCK_DV == D_V:
+                tl.atomic_add(dkv_cols + offs_v[:, None], dk, mask=valid[None, :])
+            else:
+                tl.atomic_add(dkv_cols + offs_v[:, None], dk,
+                              mask=valid[None, :] & (offs_v[:, None] < D_V))
+            if HAS_TAIL:
+                dkt = _mm(tl.trans(qt), ds_lo, tl.zeros([BLOCK_DT, BLOCK_N], tl.float32), DOT_F32)
+                if BLOCK_DT == D_T:
+                    tl.atomic_add(dkv_cols + D_V + offs_t[:, None], dkt, mask=valid[None, :])
+                else:
+                    tl.atomic_add(dkv_cols + D_V + offs_t[:, None], dkt,
+                                  mask=valid[None, :] & (offs_t[:, None] < D_T))
+        else:
+            dkv_rows = dkv_head + idx64[:, None] * stride_dkvs
+            dk = _mm(tl.trans(ds_lo), q, tl.zeros([BLOCK_N, BLOCK_DV], tl.float32), DOT_F32)
+            dk = _mm(tl.trans(pf_lo), do, dk, DOT_F32)
+            if BLOCK_DV == D_V:
+                tl.atomic_add(dkv_rows + offs_v[None, :], dk, mask=valid[:, None])
+            else:
+                tl.atomic_add(dkv_rows + offs_v[None, :], dk,
+                              mask=valid[:, None] & (offs_v[None, :] < D_V))
+            if HAS_TAIL:
+                dkt = _mm(tl.trans(ds_lo), qt, tl.zeros([BLOCK_N, BLOCK_DT], tl.float32), DOT_F32)
+                if BLOCK_DT == D_T:
+                    tl.atomic_add(dkv_rows + D_V + offs_t[None, :], dkt, mask=valid[:, None])
+                else:
+                    tl.atomic_add(dkv_rows + D_V + offs_t[None, :], dkt,
+                                  mask=valid[:, None] & (offs_t[None, :] < D_T))
+
+    if not DO_DQ:
+        return
+    dq_rows = DQ + pid_s * stride_dqs + head[:, None] * stride_dqh
+    if BLOCK_DV == D_V:
+        tl.store(dq_rows + offs_v[None, :], dq.to(DQ.dtype.element_ty), mask=hmask[:, None])
+    else:
+        tl.store(dq_rows + offs_v[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=hmask[:, None] & (offs_v[None, :] < D_V))
+    if HAS_TAIL:
+        if BLOCK_DT == D_T:
+            tl.store(dq_rows + D_V + offs_t[None, :], dqt.to(DQ.dtype.element_ty),
+                     mask=hmask[:, None])
+        else:
+            tl.store(dq_rows + D_V + offs_t[None, :], dqt.to(DQ.dtype.element_ty),
+                     mask=hmask[:, None] & (offs_t[None, :] < D_T))
+
+
+def _blocks(q: torch.Tensor, kv: torch.Tensor, d_v: int):
+    h_q, d_qk = q.shape[1], q.shape[2]
+    group = h_q // kv.shape[1]
+    block_h = min(64, _pow2(group))
+    d_t = d_qk - d_v
+    block_dv = _pow2(d_v)
+    block_dt = _pow2(d_t) if d_t > 0 else 16
+    big = block_h == 64 and block_dv >= 256
+    return group, block_h, d_t, block_dv, block_dt, ("big" if big else "small")
+
+
+def _last_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None):
+    s_q, h_q, _ = q.shape
+    s_kv, h_kv, _ = kv.shape
+    topk = indices.shape[-1]
+    out = q.new_empty((s_q, h_q, d_v))
+    max_logits = q.new_empty((s_q, h_q), dtype=torch.float32)
+    lse = q.new_empty((s_q, h_q), dtype=torch.float32)
+    if s_q == 0:
+        return out, max_logits, lse
+    group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v)
+    block_n, num_warps, num_stages = FWD_CONFIG[size]
+    grid = (h_kv * triton.cdiv(group, block_h), s_q)
+    _fwd_kernel[grid](
+        q, kv, indices, topk_length if topk_length is not None else indices,
+        attn_sink if attn_sink is not None else q, out, max_logits, lse,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        s_kv, topk, group, sm_scale * LOG2E,
+        D_V=d_v, D_T=d_t, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DT=block_dt,
+        HAS_TAIL=d_t > 0, HAS_LEN=topk_length is not None, HAS_SINK=attn_sink is not None,
+        PREFETCH_IDX=PREFETCH_IDX, DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, max_logits, lse
+
+
+def sparse_prefill_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v, attn_sink=None,
+                            topk_length=None):
+    s_q, h_q, d_qk = q.shape
+    s_kv, h_kv, _ = kv.shape
+    topk = indices.shape[-1]
+    dq = torch.empty_like(q)
+    dkv = torch.empty_like(kv)
+    sink_dtype = torch.float32 if attn_sink is None else attn_sink.dtype
+    if s_q == 0 or s_kv == 0:
+        dq.zero_()
+        dkv.zero_()
+        return dq, dkv, q.new_zeros((h_q,), dtype=sink_dtype)
+    dout = _last_contig(dout)
+    out = _last_contig(out)
+    # fp32 accumulator: duplicated indices and rows shared by many queries add up atomically.
+    dkv_acc = torch.zeros((s_kv, h_kv, d_qk), dtype=torch.float32, device=kv.device)
+    dsink_part = (torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
+                  if attn_sink is not None else None)
+    group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v)
+    grid = (h_kv * triton.cdiv(group, block_h), s_q)
+    for do_dq, do_dkv in (((True, False), (False, True)) if BWD_SPLIT else ((True, True),)):
+        block_n, num_warps, num_stages = (
+            BWD_SPLIT_CONFIG["dq" if do_dq else "dkv"] if BWD_SPLIT and size == "big"
+            else BWD_CONFIG[size])
+        _bwd_kernel[grid](
+            q, kv, indices, topk_length if topk_length is not None else indices,
+            attn_sink if attn_sink is not None else q, dout, out, dlse, lse, dq, dkv_acc,
+            dsink_part if dsink_part is not None else dkv_acc,
+            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0),
+            indices.stride(1), dout.stride(0), dout.stride(1), out.stride(0), out.stride(1),
+            dlse.stride(0), dlse.stride(1), lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dkv_acc.stride(0), dkv_acc.stride(1),
+            s_kv, topk, group, h_q, sm_scale, sm_scale * LOG2E,
+            D_V=d_v, D_T=d_t, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=block_dv,
+            BLOCK_DT=block_dt, HAS_TAIL=d_t > 0, HAS_LEN=topk_length is not None,
+            HAS_SINK=attn_sink is not None, DO_DQ=do_dq, DO_DKV=do_dkv, DK_T=BWD_DK_TRANSPOSED,
+            PREFETCH_IDX=BWD_PREFETCH_IDX, DOT_F32=DOT_F32, num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    dkv.copy_(dkv_acc)
+    if attn_sink is None:
+        d_sink = q.new_zeros((h_q,), dtype=torch.float32)
+    else:
+        d_sink = dsink_part.sum(0).to(sink_dtype)
+    return dq, dkv, d_sink
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _supports(q, kv, d_v) -> List[str]:
+    why = []
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        why.append(f"q dtype {_dtype_name(q.dtype)}: the Triton kernel takes bf16 or fp16 "
+                   "(fp32/fp64 run on the reference)")
+    d_qk = q.shape[-1]
+    if d_v > MAX_D_V:
+        why.append(f"d_v {d_v} > {MAX_D_V}: the fp32 [64, d_v] accumulator would not fit in "
+                   "registers")
+    if d_qk - d_v > MAX_D_TAIL:
+        why.append(f"d_qk - d_v = {d_qk - d_v} > {MAX_D_TAIL}: the key columns past the values "
+                   "would not fit on chip next to them")
+    return why
+
+
+def supports(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None) -> List[str]:
+    return _supports(q, kv, d_v)
+
+
+def supports_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v, attn_sink=None,
+                      topk_length=None) -> List[str]:
+    return _supports(q, kv, d_v)
+
+
+register("sparse_prefill", sparse_prefill, supports)
+register("sparse_prefill_backward", sparse_prefill_backward, supports_backward)
