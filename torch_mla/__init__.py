@@ -9,6 +9,7 @@ from . import meta  # noqa: F401  (defines the ops)
 from . import _dispatch  # noqa: F401  (registers the CPU/CUDA entries)
 from . import reference  # noqa: F401  (registers the reference backend)
 from . import triton  # noqa: F401  (registers the Triton backend where Triton imports)
+from . import native  # noqa: F401  (registers the native CUDA backend; loads nothing yet)
 from ._dispatch import use_backend
 from .api import (DecodeSchedule, decode_schedule, dense_decode, dense_prefill,
                   dequantize_kv_cache, explain, quantize_kv_cache, sparse_decode, sparse_prefill,
