@@ -42,18 +42,17 @@ design) is beyond what tl.dot's layouts express; that is the native backend's jo
 
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_F32, INTERPRET
+from ._common import DOT_F32
 from . import register
+from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 from ..reference.schedule import decode_schedule
 
-LOG2E = 1.4426950408889634
 
 # Keys per schedule block. Every schedule this op receives is read in these units: the public
 # decode_schedule's default block_n. A schedule may override it in metadata[:, 5] (0 there, as the
@@ -61,17 +60,6 @@ LOG2E = 1.4426950408889634
 SCHED_BLOCK_N = 64
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(1, n)))
-
-
-@triton.jit
-def _mm(a, b, acc, DOT_F32: tl.constexpr):
-    # The interpreter multiplies 16-bit dot operands as raw bits: upcast there, never on the GPU.
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit

@@ -45,17 +45,9 @@ import triton.language as tl
 
 from ._common import DOT_F32, INTERPRET
 from . import register
+from ._jit import LOG2E, mm as _mm
 
-LOG2E = 1.4426950408889634
 
-
-@triton.jit
-def _mm(a, b, acc, DOT_F32: tl.constexpr):
-    # The interpreter multiplies 16-bit dot operands as raw bits: upcast there, never on the GPU.
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit

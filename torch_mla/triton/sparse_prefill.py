@@ -69,8 +69,8 @@ import triton.language as tl
 
 from ._common import DOT_F32
 from . import register
+from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 
-LOG2E = 1.4426950408889634
 
 # Launch configurations, keyed by head-block size ("big": 64 heads and d_v >= 256, the DeepSeek
 # shapes; "small": the rest). Entries: (BLOCK_N, num_warps, num_stages). Module globals so a
@@ -102,17 +102,6 @@ MAX_D_V = 512
 MAX_D_TAIL = 128
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(1, n)))
-
-
-@triton.jit
-def _mm(a, b, acc, DOT_F32: tl.constexpr):
-    # The interpreter multiplies 16-bit dot operands as raw bits: upcast there, never on the GPU.
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
