@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_F32
+from ._common import DOT_F32, INTERPRET  # noqa: F401  (tests read it here)
 from . import register
 from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 from ..reference.schedule import decode_schedule
