@@ -1,0 +1,523 @@
+"""Triton ``mla::sparse_decode``: sparse MLA decoding over the paged FP8 caches (V32, MODEL1).
+
+Design (split-KV over a device-side schedule, then a combine pass; no host sync anywhere, so a
+call captures into a CUDA graph):
+
+* Work list. Every batch element i has ``nbm = cdiv(Lm, B)`` blocks of main keys followed by
+  ``nbe = cdiv(Le, B)`` blocks of extra keys (B: the schedule's block_n, 64 when computed here;
+  Lm = topk_length[i] clipped to [0, topk], or topk; Le likewise for the extra set). Each set
+  is counted in whole blocks, so no block ever mixes the two caches. ``decode_schedule``
+  (torch_mla.reference.schedule, pure tensor ops) cuts the batch-major list of blocks into
+  ``num_parts`` equal runs; without a schedule argument we
+  compute one on the device from exactly these per-set-rounded counts, with num_parts = SM count
+  // (h_q / BLOCK_H) (SM count cached per device), so that the main grid is one wave.
+* Main kernel, grid ``(num_parts, h_q // BLOCK_H)``. A program reads its run from the metadata
+  row and walks the batch elements it touches. For each one, and each of its s_q query rows (each
+  row has its own indices), it runs an online softmax over its blocks of that batch: gather
+  BLOCK_N indices, mask the invalid ones (position >= length, index < 0 or >= num_blocks *
+  block_size: their bytes are never loaded), load the tokens' bytes through their block base
+  (``cache + (idx // block_size) * stride(0)``), dequantize in registers (e4m3 bits -> f32, times
+  the tile scale -> q's dtype) and feed ``tl.dot`` in chunks of 64 columns (so every chunk has one
+  scale per token and every tile is a power of two wide): logits = sum over the 9 (V32: 8 NoPE +
+  RoPE) or 8 (MODEL1: 7 NoPE + RoPE) chunks, values = the first 8 chunks (512 columns; MODEL1's
+  include RoPE). A batch element covered by one part only is finished in place (normalize, sink,
+  write out / lse); otherwise the part writes its normalized partial output and log2-sum-exp
+  into an fp32 workspace at split ``num_splits[i] + (part - first part of i)``.
+* Combine kernel, grid ``(b * s_q, h_q // 16)``: for a batch element with >= 2 splits, merges
+  them with log-sum-exp weights and applies the sink; with 0 splits writes out 0 / lse +inf; with
+  1 split it has nothing to do.
+* supports(): q bf16/fp16 (tensor-core operands; keys and probabilities are rounded to q's
+  dtype, accumulation is fp32); h_q a multiple of 16 (BLOCK_H 64 with 8 warps where h_q allows,
+  else 32/16 with 4 warps); d_v <= 512 (all 512 value columns are accumulated and the first d_v
+  stored; V32's d_v > 512 would need its RoPE as values); caches 16-byte aligned with stride(0)
+  a multiple of 16 (every cache made by empty_cache / quantize_kv_cache / FlashMLA is).
+* Workspace: total splits <= b + num_parts (each part adds at most one split per batch element it
+  touches beyond the first), so its size is static: ``[b + num_parts, s_q, h_q, 512]`` f32.
+
+A schedule passed by the caller comes from ``torch_mla.decode_schedule`` over this call's key
+counts: ``topk_length + extra_topk_length`` (what torch_mla.compat passes), the topk, or
+per-set-rounded counts, with any ``block_n`` (read from metadata column 5; 0, in schedules made
+before that column existed, reads as 64). The kernel clips every part's block range to the real
+blocks the same way and lets the last part of a batch element run to its end, so any of these
+partitions each batch element's keys exactly once; they differ only in balance (a schedule made
+from unrounded counts can have one block fewer than the per-set-rounded list). A batch element
+must have at least one split when it has keys.
+
+Roof (H100 SXM: ~800 TFLOP/s dense bf16 as measured, 3.35 TB/s HBM). Bytes: every gathered token
+once per (b, s_q) row (V32 656 B, MODEL1 584 B), q, out; FLOPs 2 * b * s_q * h_q * topk_total *
+(d_qk + d_v):
+
+    V32 b=64  s_q=2 h_q=128 topk=2048:         FLOPs 73.0 G  (91 us)   bytes 172 MB (51 us)
+    V32 b=128 s_q=2 h_q=128 topk=2048:         FLOPs 146 G   (182 us)  bytes 344 MB (103 us)
+    MODEL1 b=128 s_q=2 h_q=64 topk=128+512:    FLOPs 21.5 G  (27 us)   bytes 96 MB  (29 us)
+    MODEL1 b=128 s_q=2 h_q=128 topk=128+1024:  FLOPs 77.3 G  (97 us)   bytes 172 MB (51 us)
+    V32 b=148 s_q=2 h_q=128 topk=16384:        FLOPs 1.35 T  (1.69 ms) bytes 3.2 GB (0.95 ms)
+
+Compute limits every case but the small MODEL1 one (where the two roofs meet); what a Triton
+kernel adds on top is the dequantization (one cvt + mul per key element per head block: keys are
+dequantized once per BLOCK_H=64 heads, twice for h_q=128) and the fp32 partial outputs of the
+split-KV workspace.
+
+Measured on one H100 80GB HBM3 (Triton 3.6, torch 2.11, CUDA-graph replay, median; FlashMLA's
+figures from the same kind of machine, shared/peers/flashmla/README.md):
+
+    V32 b=64  h_q=128 topk=2048           500 us  146 TFLOP/s  0.40x FlashMLA (201.7 us)
+    V32 b=128 h_q=128 topk=2048           989 us  148 TFLOP/s  0.39x (389.6 us)
+    MODEL1 b=128 h_q=64 topk=128+512      188 us  114 TFLOP/s  0.57x (107.1 us)
+    MODEL1 b=128 h_q=128 topk=128+1024    571 us  135 TFLOP/s  0.38x (216.8 us)
+    V32 b=148 h_q=128 topk=16384         8.04 ms  168 TFLOP/s  0.40x (3.21 ms)
+
+What holds it there (from the TTGIR and ptxas figures of the compiled kernel): 255 registers
+and ~160 B of spills per thread (the [64, 512] fp32 accumulator alone is 128 registers at 8
+warps), ~185 KB of shared memory (q 72 KB + the dequantized bf16 tile 72 KB, shared by the QK
+and PV wgmmas, + one stage of raw bytes), hence one CTA per SM and a gather prefetched only one
+tile ahead; dequantization and the wgmmas of a tile run one after the other in the same warps.
+Tried and slower: BLOCK_N 32 (0.28x on V32), num_stages 3, dequantizing chunk by chunk between
+the QK dots, e4m3 -> bf16 with a bf16 scale multiply. Going further needs warp specialization
+(a producer warp group gathering and dequantizing into shared memory while the consumers run the
+wgmmas, as FlashMLA does), which the long-stable Triton API does not express.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from ..meta.layouts import V32, layout_for_d_qk
+from ..reference.schedule import decode_schedule
+from . import register
+from ._common import DOT_F32
+
+_SB = 64  # keys per schedule block (decode_schedule's default block_n)
+_D_V_MAX = 512  # value columns the kernel accumulates (8 chunks)
+_LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    # The interpreter multiplies 16-bit dot operands as raw bits: upcast there (never on a GPU).
+    if DOT_F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _key_chunk(cache, base, sbase, valid, C: tl.constexpr, LAYOUT: tl.constexpr, KT: tl.constexpr):
+    """Columns [64 C, 64 C + 64) of the dequantized keys, [BLOCK_N, 64] in KT (q's dtype: the
+    dot operand type); 0 where invalid.
+
+    ``base``: byte offset of each token's data; ``sbase``: of its MODEL1 scale bytes. C = 8 is
+    V32's RoPE (columns 512..575)."""
+    cols = tl.arange(0, 64)
+    if LAYOUT == 0 and C == 8:  # V32 RoPE: bf16 after 512 e4m3 + 4 f32 scales
+        ptr = (cache + base + 528).to(tl.pointer_type(tl.bfloat16))
+        k = tl.load(ptr[:, None] + cols[None, :], mask=valid[:, None], other=0.0).to(KT)
+    elif LAYOUT == 1 and C == 7:  # MODEL1 RoPE: bf16 after 448 e4m3
+        ptr = (cache + base + 448).to(tl.pointer_type(tl.bfloat16))
+        k = tl.load(ptr[:, None] + cols[None, :], mask=valid[:, None], other=0.0).to(KT)
+    else:
+        raw = tl.load(cache + base[:, None] + (C * 64 + cols)[None, :], mask=valid[:, None],
+                      other=0)
+        if LAYOUT == 0:  # one f32 scale per 128 NoPE values, right after the NoPE bytes
+            sptr = (cache + base + (512 + 4 * (C // 2))).to(tl.pointer_type(tl.float32))
+            scale = tl.load(sptr, mask=valid, other=0.0)
+        else:  # one ue8m0 byte per 64 values: 2 ** (byte - 127), built from its exponent bits
+            e = tl.load(cache + sbase + C, mask=valid, other=0).to(tl.int32)
+            scale = (e << 23).to(tl.float32, bitcast=True)
+        k = (raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]).to(KT)
+    return k
+
+
+@triton.jit
+def _tile(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
+          q0, q1, q2, q3, q4, q5, q6, q7, q8,
+          idx_row, t0, length, cache, block_size, stride0, num_slots, scale_log2,
+          LAYOUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+          DOT_F32: tl.constexpr):
+    """Online-softmax step over positions [t0, t0 + BLOCK_N) of one key set of one query row;
+    positions at or past ``length`` (the end of this part's range of the set, never past its
+    topk_length) are skipped like invalid indices."""
+    KT = q0.dtype
+    pos = t0 + tl.arange(0, BLOCK_N)
+    in_len = pos < length
+    ix = tl.load(idx_row + pos, mask=in_len, other=-1)
+    valid = in_len & (ix >= 0) & (ix < num_slots)
+    ix = tl.where(valid, ix, 0)
+    blk = ix // block_size
+    off = ix - blk * block_size
+    if LAYOUT == 0:
+        base = blk.to(tl.int64) * stride0 + off * 656
+        sbase = base
+    else:
+        base = blk.to(tl.int64) * stride0 + off * 576
+        sbase = blk.to(tl.int64) * stride0 + block_size * 576 + off * 8
+
+    k0 = _key_chunk(cache, base, sbase, valid, 0, LAYOUT, KT)
+    k1 = _key_chunk(cache, base, sbase, valid, 1, LAYOUT, KT)
+    k2 = _key_chunk(cache, base, sbase, valid, 2, LAYOUT, KT)
+    k3 = _key_chunk(cache, base, sbase, valid, 3, LAYOUT, KT)
+    k4 = _key_chunk(cache, base, sbase, valid, 4, LAYOUT, KT)
+    k5 = _key_chunk(cache, base, sbase, valid, 5, LAYOUT, KT)
+    k6 = _key_chunk(cache, base, sbase, valid, 6, LAYOUT, KT)
+    k7 = _key_chunk(cache, base, sbase, valid, 7, LAYOUT, KT)
+    s = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+    s = _dot(q0, tl.trans(k0), s, DOT_F32)
+    s = _dot(q1, tl.trans(k1), s, DOT_F32)
+    s = _dot(q2, tl.trans(k2), s, DOT_F32)
+    s = _dot(q3, tl.trans(k3), s, DOT_F32)
+    s = _dot(q4, tl.trans(k4), s, DOT_F32)
+    s = _dot(q5, tl.trans(k5), s, DOT_F32)
+    s = _dot(q6, tl.trans(k6), s, DOT_F32)
+    s = _dot(q7, tl.trans(k7), s, DOT_F32)
+    if LAYOUT == 0:
+        k8 = _key_chunk(cache, base, sbase, valid, 8, LAYOUT, KT)
+        s = _dot(q8, tl.trans(k8), s, DOT_F32)
+    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # Rows that have seen no valid key yet keep m = -inf; shift by 0 there so that
+    # exp2(-inf - -inf) never produces NaN (p and alpha are then exactly 0).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    pb = p.to(KT)
+    acc0 = _dot(pb, k0, acc0 * alpha[:, None], DOT_F32)
+    acc1 = _dot(pb, k1, acc1 * alpha[:, None], DOT_F32)
+    acc2 = _dot(pb, k2, acc2 * alpha[:, None], DOT_F32)
+    acc3 = _dot(pb, k3, acc3 * alpha[:, None], DOT_F32)
+    acc4 = _dot(pb, k4, acc4 * alpha[:, None], DOT_F32)
+    acc5 = _dot(pb, k5, acc5 * alpha[:, None], DOT_F32)
+    acc6 = _dot(pb, k6, acc6 * alpha[:, None], DOT_F32)
+    acc7 = _dot(pb, k7, acc7 * alpha[:, None], DOT_F32)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m_new, l
+
+
+@triton.jit
+def _store_chunk(ptr, acc, scale, d_v, C: tl.constexpr):
+    cols = C * 64 + tl.arange(0, 64)
+    tl.store(ptr + cols[None, :], (acc * scale[:, None]).to(ptr.dtype.element_ty),
+             mask=cols[None, :] < d_v)
+
+
+@triton.jit
+def _sparse_decode_kernel(
+        q, stride_qb, stride_qs, stride_qh,
+        kc, kc_stride0, kc_bs, kc_slots,
+        idx, stride_ib, stride_is, topk, lens,
+        ec, ec_stride0, ec_bs, ec_slots,
+        eidx, stride_eb, stride_es, etopk, elens,
+        sink, sched, nsplits, ws_o, ws_lse, n_ws,
+        out, stride_ob, stride_os, stride_oh, lse_out,
+        b, s_q, h_q, d_v, scale_log2,
+        LAYOUT: tl.constexpr, HAS_LEN: tl.constexpr, HAS_EXTRA: tl.constexpr,
+        HAS_ELEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    part = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, 64)
+    row = sched + part * 8
+    b_begin = tl.load(row)
+    blk_begin = tl.load(row + 1)
+    b_end = tl.load(row + 2)
+    blk_end = tl.load(row + 3)
+    first = tl.load(row + 4)
+    # keys per schedule block, as decode_schedule recorded it (0 in schedules made before the
+    # column existed: those used the default 64)
+    sb = tl.load(row + 5)
+    sb = tl.where(sb > 0, sb, 64)
+
+    # an empty part has b_begin == b: the loop does not run
+    for i in range(b_begin, tl.minimum(b_end, b - 1) + 1):
+        lm = topk
+        if HAS_LEN:
+            lm = tl.minimum(tl.maximum(tl.load(lens + i), 0), topk)
+        le = 0
+        if HAS_EXTRA:
+            le = etopk
+            if HAS_ELEN:
+                le = tl.minimum(tl.maximum(tl.load(elens + i), 0), etopk)
+        nbm = tl.cdiv(lm, sb)
+        nb = nbm + tl.cdiv(le, sb)
+        ns0 = tl.load(nsplits + i)
+        nsp = tl.load(nsplits + i + 1) - ns0
+        split = tl.where(i == b_begin, first, ns0)
+        lo = tl.where(i == b_begin, blk_begin, 0)
+        hi = tl.where(i == b_end, blk_end, nb)
+        hi = tl.where(split - ns0 == nsp - 1, nb, hi)  # the last part runs to the end
+        hi = tl.minimum(hi, nb)
+        lo = tl.minimum(lo, hi)
+        # positions [lo, hi) of each set this part covers, cut to the set's length; tiles of
+        # BLOCK_N are masked at the range's end (sb need not be a multiple of BLOCK_N)
+        m_lo = tl.minimum(lo, nbm) * sb
+        m_hi = tl.minimum(tl.minimum(hi, nbm) * sb, lm)
+        e_lo = (tl.maximum(lo, nbm) - nbm) * sb
+        e_hi = tl.minimum((tl.maximum(hi, nbm) - nbm) * sb, le)
+        if (nsp > 0) & (split < n_ws):
+            for s in range(0, s_q):
+                qp = q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh + cols[None, :]
+                q0 = tl.load(qp)
+                q1 = tl.load(qp + 64)
+                q2 = tl.load(qp + 128)
+                q3 = tl.load(qp + 192)
+                q4 = tl.load(qp + 256)
+                q5 = tl.load(qp + 320)
+                q6 = tl.load(qp + 384)
+                q7 = tl.load(qp + 448)
+                if LAYOUT == 0:
+                    q8 = tl.load(qp + 512)
+                else:
+                    q8 = q7  # unused: MODEL1 has 8 chunks
+                acc0 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                acc1 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                acc3 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                acc4 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                acc5 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                acc6 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                acc7 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+                l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+
+                irow = idx + i * stride_ib + s * stride_is
+                for t0 in range(m_lo, m_hi, BLOCK_N):
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l = _tile(
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
+                        q0, q1, q2, q3, q4, q5, q6, q7, q8,
+                        irow, t0, m_hi, kc, kc_bs, kc_stride0, kc_slots, scale_log2,
+                        LAYOUT, BLOCK_H, BLOCK_N, DOT_F32)
+                if HAS_EXTRA:
+                    erow = eidx + i * stride_eb + s * stride_es
+                    for t0 in range(e_lo, e_hi, BLOCK_N):
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l = _tile(
+                            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
+                            q0, q1, q2, q3, q4, q5, q6, q7, q8,
+                            erow, t0, e_hi, ec, ec_bs, ec_stride0, ec_slots, scale_log2,
+                            LAYOUT, BLOCK_H, BLOCK_N, DOT_F32)
+
+                has = l > 0
+                inv = 1.0 / tl.where(has, l, 1.0)
+                lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+                if nsp == 1:
+                    # the only part of this batch element: finish here, no combine needed
+                    if HAS_SINK:
+                        sk = tl.load(sink + heads) * 1.4426950408889634
+                        # 1 / (1 + exp(sink - lse)); rows without keys are 0 (acc is 0 there)
+                        inv = tl.where(has, inv / (1.0 + tl.exp2(sk - tl.where(has, lse2, 0.0))),
+                                       0.0)
+                    op = (out + i * stride_ob + s * stride_os
+                          + heads[:, None] * stride_oh)
+                    _store_chunk(op, acc0, inv, d_v, 0)
+                    _store_chunk(op, acc1, inv, d_v, 1)
+                    _store_chunk(op, acc2, inv, d_v, 2)
+                    _store_chunk(op, acc3, inv, d_v, 3)
+                    _store_chunk(op, acc4, inv, d_v, 4)
+                    _store_chunk(op, acc5, inv, d_v, 5)
+                    _store_chunk(op, acc6, inv, d_v, 6)
+                    _store_chunk(op, acc7, inv, d_v, 7)
+                    tl.store(lse_out + (i * h_q + heads) * s_q + s,
+                             tl.where(has, lse2 * 0.6931471805599453, float("inf")))
+                else:
+                    wrow = (split.to(tl.int64) * s_q + s) * h_q + heads
+                    wp = ws_o + wrow[:, None] * 512
+                    _store_chunk(wp, acc0, inv, 512, 0)
+                    _store_chunk(wp, acc1, inv, 512, 1)
+                    _store_chunk(wp, acc2, inv, 512, 2)
+                    _store_chunk(wp, acc3, inv, 512, 3)
+                    _store_chunk(wp, acc4, inv, 512, 4)
+                    _store_chunk(wp, acc5, inv, 512, 5)
+                    _store_chunk(wp, acc6, inv, 512, 6)
+                    _store_chunk(wp, acc7, inv, 512, 7)
+                    tl.store(ws_lse + wrow, lse2)
+
+
+@triton.jit
+def _combine_kernel(ws_o, ws_lse, n_ws, nsplits, sink, out, stride_ob, stride_os, stride_oh,
+                    lse_out, s_q, h_q, d_v, HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr,
+                    D: tl.constexpr):
+    r = tl.program_id(0)
+    i = r // s_q
+    s = r - i * s_q
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, D)
+    ns0 = tl.load(nsplits + i)
+    nsp = tl.load(nsplits + i + 1) - ns0
+    ns1 = tl.minimum(ns0 + nsp, n_ws)  # never read past the workspace, whatever the schedule
+    if nsp != 1:  # one split: the main kernel wrote the result
+        mx = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+        for k in range(ns0, ns1):
+            mx = tl.maximum(mx, tl.load(ws_lse + (k * s_q + s) * h_q + heads))
+        has = mx > float("-inf")
+        m_use = tl.where(has, mx, 0.0)
+        acc = tl.zeros((BLOCK_H, D), dtype=tl.float32)
+        wsum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for k in range(ns0, ns1):
+            wrow = (k * s_q + s) * h_q + heads
+            w = tl.exp2(tl.load(ws_lse + wrow) - m_use)  # empty splits: exp2(-inf) = 0
+            wsum += w
+            acc += w[:, None] * tl.load(ws_o + wrow[:, None] * D + cols[None, :])
+        lse2 = m_use + tl.log2(tl.where(has, wsum, 1.0))
+        inv = tl.where(has, 1.0 / tl.where(has, wsum, 1.0), 0.0)
+        if HAS_SINK:
+            sk = tl.load(sink + heads) * 1.4426950408889634
+            inv = tl.where(has, inv / (1.0 + tl.exp2(sk - lse2)), 0.0)
+        op = out + i * stride_ob + s * stride_os + heads[:, None] * stride_oh
+        tl.store(op + cols[None, :], (acc * inv[:, None]).to(out.dtype.element_ty),
+                 mask=cols[None, :] < d_v)
+        tl.store(lse_out + (i * h_q + heads) * s_q + s,
+                 tl.where(has, lse2 * 0.6931471805599453, float("inf")))
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------
+
+def _block_h(h_q: int) -> int:
+    for bh in (64, 32, 16):
+        if h_q % bh == 0:
+            return bh
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# Tuning knobs (module attributes so that a tuning script can change them).
+_TUNE = {"block_n": 64, "num_stages": 2, "ctas_per_sm": 1}
+
+
+def _config(block_h: int):
+    if block_h == 64:
+        return _TUNE["block_n"], 8, _TUNE["num_stages"]
+    return 32, 4, _TUNE["num_stages"]
+
+
+def _num_parts(device: torch.device, head_blocks: int) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few parts, so splits and the combine are exercised
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, _sm_count(idx) * _TUNE["ctas_per_sm"] // head_blocks)
+
+
+def _key_count(length, n: int, b: int, device) -> torch.Tensor:
+    """Keys per batch element of one set, [b] int64 (length clipped to [0, n])."""
+    if length is None:
+        return torch.full((b,), n, dtype=torch.int64, device=device)
+    return length.to(torch.int64).clamp(0, n)
+
+
+def _cache_args(cache: torch.Tensor, layout):
+    raw = cache.view(torch.uint8)
+    nb, bs = raw.shape[0], raw.shape[1]
+    stride0 = raw.stride(0) if nb > 1 else layout.block_bytes(bs)
+    return raw, stride0, bs, nb * bs
+
+
+def sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
+                  extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
+                  schedule_metadata=None, num_splits=None):
+    b, s_q, h_q, d_qk = q.shape
+    layout = layout_for_d_qk(d_qk)
+    dev = q.device
+    out = torch.empty((b, s_q, h_q, d_v), dtype=q.dtype, device=dev)
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=dev)
+    if b == 0 or s_q == 0 or h_q == 0:
+        return out, lse
+    topk = indices.shape[-1]
+    has_extra = extra_k_cache is not None
+    etopk = extra_indices.shape[-1] if has_extra else 0
+    block_h = _block_h(h_q)
+    head_blocks = h_q // block_h
+
+    if schedule_metadata is None:
+        # Count each key set in whole schedule blocks so that no block mixes the two caches.
+        n = (_key_count(topk_length, topk, b, dev) + _SB - 1) // _SB * _SB
+        if has_extra:
+            n = n + (_key_count(extra_topk_length, etopk, b, dev) + _SB - 1) // _SB * _SB
+        schedule_metadata, num_splits = decode_schedule(n.to(torch.int32),
+                                                        _num_parts(dev, head_blocks), _SB)
+    num_parts = schedule_metadata.shape[0]
+    n_ws = b + num_parts
+    ws_o = torch.empty((n_ws, s_q, h_q, _D_V_MAX), dtype=torch.float32, device=dev)
+    ws_lse = torch.empty((n_ws, s_q, h_q), dtype=torch.float32, device=dev)
+
+    kc, kc_stride0, kc_bs, kc_slots = _cache_args(k_cache, layout)
+    if has_extra:
+        ec, ec_stride0, ec_bs, ec_slots = _cache_args(extra_k_cache, layout)
+        eidx = extra_indices
+    else:  # placeholders, never read (HAS_EXTRA is off)
+        ec, ec_stride0, ec_bs, ec_slots, eidx = kc, kc_stride0, kc_bs, 0, indices
+    lens = topk_length.contiguous() if topk_length is not None else indices
+    elens = extra_topk_length.contiguous() if extra_topk_length is not None else indices
+    sink = attn_sink.to(torch.float32).contiguous() if attn_sink is not None else lse
+    schedule_metadata = schedule_metadata.contiguous()
+    num_splits = num_splits.contiguous()
+
+    block_n, num_warps, num_stages = _config(block_h)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        kern = _sparse_decode_kernel[(num_parts, head_blocks)](
+            q, q.stride(0), q.stride(1), q.stride(2),
+            kc, kc_stride0, kc_bs, kc_slots,
+            indices, indices.stride(0), indices.stride(1), topk, lens,
+            ec, ec_stride0, ec_bs, ec_slots,
+            eidx, eidx.stride(0), eidx.stride(1), etopk, elens,
+            sink, schedule_metadata, num_splits, ws_o, ws_lse, n_ws,
+            out, out.stride(0), out.stride(1), out.stride(2), lse,
+            b, s_q, h_q, d_v, float(sm_scale) * _LOG2E,
+            LAYOUT=0 if layout is V32 else 1, HAS_LEN=topk_length is not None,
+            HAS_EXTRA=has_extra, HAS_ELEN=extra_topk_length is not None,
+            HAS_SINK=attn_sink is not None, BLOCK_H=block_h, BLOCK_N=block_n,
+            DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages)
+        if _TUNE.get("debug"):  # tuning scripts read registers / spills / shared memory here
+            _TUNE["last_kernel"] = kern
+        _combine_kernel[(b * s_q, h_q // 16)](
+            ws_o, ws_lse, n_ws, num_splits, sink, out, out.stride(0), out.stride(1), out.stride(2),
+            lse, s_q, h_q, d_v, HAS_SINK=attn_sink is not None, BLOCK_H=16, D=_D_V_MAX,
+            num_warps=4)
+    return out, lse
+
+
+def _aligned(name: str, cache: torch.Tensor) -> List[str]:
+    reasons = []
+    if cache.data_ptr() % 16:
+        reasons.append(f"{name} does not start at a 16-byte aligned address")
+    if cache.shape[0] > 1 and cache.stride(0) % 16:
+        reasons.append(f"{name}.stride(0) ({cache.stride(0)} bytes) is not a multiple of 16 "
+                       "(the kernel loads tokens and their f32/bf16 parts with aligned vectors)")
+    return reasons
+
+
+def supports(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
+             extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
+             schedule_metadata=None, num_splits=None) -> List[str]:
+    reasons = []
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"q dtype {q.dtype}: Triton kernels take bf16/fp16 (the dots run on "
+                       "q's dtype)")
+    h_q = q.shape[2]
+    if _block_h(h_q) == 0:
+        reasons.append(f"h_q={h_q} is not a multiple of 16 (heads are processed in blocks of "
+                       "64, 32 or 16)")
+    if d_v > _D_V_MAX:
+        reasons.append(f"d_v={d_v} > {_D_V_MAX}: the kernel accumulates the first 512 value "
+                       "columns only")
+    reasons += _aligned("k_cache", k_cache)
+    if extra_k_cache is not None:
+        reasons += _aligned("extra_k_cache", extra_k_cache)
+    return reasons
+
+
+register("sparse_decode", sparse_decode, supports)
