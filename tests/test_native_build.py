@@ -7,7 +7,6 @@ The build goes to the shared hash-keyed cache (torch_mla.build), so it compiles 
 change on a machine (about 15 s on 2 cores) and later sessions reuse it.
 """
 
-import ctypes
 import os
 import re
 import shutil

@@ -4,7 +4,6 @@ outputs poisoned before the call (the impl's outputs come from torch.empty; the 
 every element equals the reference's), and CUDA-graph capture with a precomputed schedule.
 """
 
-import importlib
 import math
 
 import pytest

@@ -4,7 +4,8 @@ Triton decides at decoration time whether ``@triton.jit`` kernels are interprete
 ``TRITON_INTERPRET=1`` set before torch_mla is imported, the kernels run on CPU tensors (slowly;
 CI uses this on small shapes). The interpreter multiplies bf16/fp16 ``tl.dot`` operands as raw
 bits, so kernels upcast dot operands to fp32 when ``DOT_F32`` (a constexpr) is set; the GPU build
-never does.
+never does. (Seen with Triton 3.9: bf16 x bf16 elementwise products are wrong there too, so do
+elementwise math on 16-bit values in fp32.)
 """
 
 from __future__ import annotations
