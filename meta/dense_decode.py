@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import (stats_dtype, FLOAT_DTYPES, check_device, check_dtype, check_heads, check_index,
-                     check_last_dim_contiguous, check_finite_scale, check_rank, check_same_dtype,
-                     check_shape, check_size, define)
+from .common import (FLOAT_DTYPES, check, check_device, check_dtype, check_finite_scale,
+                     check_heads, check_index, check_last_dim_contiguous, check_rank,
+                     check_same_dtype, check_shape, check_size, define, stats_dtype)
 from .schedule import check_schedule
 
 FWD = define(
@@ -35,7 +35,7 @@ def check_dense_decode(q, k_cache, block_table, cache_seqlens, d_v=512, sm_scale
     check_last_dim_contiguous("k_cache", k_cache)
     check_size("k_cache", k_cache, 3, d_qk, "d_qk of q")
     check_heads(h_q, k_cache.shape[2], "q", "k_cache")
-    torch._check(0 < d_v <= d_qk, lambda: f"d_v must be in [1, d_qk={d_qk}], got {d_v}")
+    check(0 < d_v <= d_qk, lambda: f"d_v must be in [1, d_qk={d_qk}], got {d_v}")
     check_finite_scale(sm_scale)
     check_index("block_table", block_table, 2, "[b, max_blocks]", "q", q)
     check_size("block_table", block_table, 0, b, "batch of q")

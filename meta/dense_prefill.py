@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import (stats_dtype, FLOAT_DTYPES, check_device, check_dtype, check_heads, check_index,
-                     check_last_dim_contiguous, check_finite_scale, check_rank, check_same_dtype,
-                     check_shape, check_size, define)
+from .common import (FLOAT_DTYPES, check, check_device, check_dtype, check_finite_scale,
+                     check_heads, check_index, check_last_dim_contiguous, check_rank,
+                     check_same_dtype, check_shape, check_size, define, stats_dtype)
 
 FWD = define(
     "dense_prefill(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -45,10 +45,10 @@ def check_dense_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     check_finite_scale(sm_scale)
     check_index("cu_seqlens_q", cu_seqlens_q, 1, "[b + 1]", "q", q)
     check_index("cu_seqlens_k", cu_seqlens_k, 1, "[b + 1]", "q", q)
-    torch._check(cu_seqlens_q.shape[0] >= 1, lambda: "cu_seqlens_q must hold at least one entry")
+    check(cu_seqlens_q.shape[0] >= 1, lambda: "cu_seqlens_q must hold at least one entry")
     check_size("cu_seqlens_k", cu_seqlens_k, 0, cu_seqlens_q.shape[0], "b + 1, as cu_seqlens_q")
-    torch._check(max_seqlen_q >= 0, lambda: f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
-    torch._check(max_seqlen_k >= 0, lambda: f"max_seqlen_k must be >= 0, got {max_seqlen_k}")
+    check(max_seqlen_q >= 0, lambda: f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    check(max_seqlen_k >= 0, lambda: f"max_seqlen_k must be >= 0, got {max_seqlen_k}")
 
 
 @torch.library.register_fake(FWD)

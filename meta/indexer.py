@@ -92,9 +92,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import (FLOAT_DTYPES, check_device, check_dtype, check_finite_scale, check_index,
-                     check_last_dim_contiguous, check_optional_index, check_rank, check_same_dtype,
-                     check_shape, check_size, define, stats_dtype)
+from .common import (FLOAT_DTYPES, check, check_device, check_dtype, check_finite_scale,
+                     check_index, check_last_dim_contiguous, check_optional_index, check_rank,
+                     check_same_dtype, check_shape, check_size, define, stats_dtype)
 
 # FP8 tensors are float8_e4m3fn, or uint8 holding the same bytes (opcheck and some frameworks
 # cannot handle float8 tensors as inputs; the bytes are what the kernels read).
@@ -135,13 +135,13 @@ DENSE_ATTN = define(
 # ---------------------------------------------------------------------------------------------
 
 def check_quant_options(d, hadamard: bool, scale_format: str, name: str = "x") -> None:
-    torch._check(
+    check(
         isinstance(scale_format, str) and scale_format in SCALE_FORMATS,
         lambda: f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}",
     )
     if hadamard:
         # The Sylvester Hadamard matrix exists for powers of two only.
-        torch._check(
+        check(
             d >= 1 and (d & (d - 1)) == 0,
             lambda: f"{name}.shape[-1] (d) must be a power of two for the Hadamard rotation "
             f"(or pass hadamard=False), got {d}",
@@ -152,20 +152,20 @@ def check_indexer_cache(name: str, cache: torch.Tensor, d) -> None:
     """A paged indexer cache ``[num_blocks, block_size, 1, d + 4]`` (bytes grouped per block)."""
     check_rank(name, cache, 4, f"[num_blocks, block_size, 1, {d} + {SCALE_BYTES}]")
     check_dtype(name, cache, FP8_DTYPES)
-    torch._check(cache.shape[2] == 1,
+    check(cache.shape[2] == 1,
                  lambda: f"{name}.shape[2] must be 1, got {cache.shape[2]}")
-    torch._check(
+    check(
         cache.shape[3] == d + SCALE_BYTES,
         lambda: f"{name}.shape[3] must be d + {SCALE_BYTES} = {d + SCALE_BYTES} bytes per token "
         f"(d = {d} FP8 values and one float32 scale), got {cache.shape[3]}",
     )
     bytes_per_token = d + SCALE_BYTES
-    torch._check(
+    check(
         cache.stride(3) == 1 and (cache.shape[1] <= 1 or cache.stride(1) == bytes_per_token),
         lambda: f"{name} must be packed within a block (strides (*, {bytes_per_token}, *, 1)), "
         f"got strides {tuple(cache.stride())}",
     )
-    torch._check(
+    check(
         cache.shape[0] <= 1 or cache.stride(0) >= cache.shape[1] * bytes_per_token,
         lambda: f"{name}.stride(0) must be at least {cache.shape[1] * bytes_per_token} bytes "
         f"(one block of {cache.shape[1]} tokens), got {cache.stride(0)}",
@@ -181,7 +181,7 @@ def _check_window(name: str, t, s_q, ref_name: str, ref: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def check_indexer_quantize(x, hadamard=True, scale_format="fp32"):
-    torch._check(x.dim() >= 1, lambda: f"x must have at least 1 dimension [..., d], got shape "
+    check(x.dim() >= 1, lambda: f"x must have at least 1 dimension [..., d], got shape "
                  f"{tuple(x.shape)}")
     check_dtype("x", x, FLOAT_DTYPES)
     check_quant_options(x.shape[-1], hadamard, scale_format)
@@ -266,7 +266,7 @@ def check_indexer_logits_paged(q_fp8, cache, weights, context_lens, block_table,
     check_shape("context_lens", context_lens, (b,), "[b]")
     check_index("block_table", block_table, 2, "[b, max_blocks]", "q_fp8", q_fp8)
     check_size("block_table", block_table, 0, b, "b of q_fp8")
-    torch._check(max_context_len >= 0,
+    check(max_context_len >= 0,
                  lambda: f"max_context_len must be >= 0, got {max_context_len}")
 
 
@@ -284,7 +284,7 @@ def _paged_fake(q_fp8, cache, weights, context_lens, block_table, max_context_le
 def check_indexer_topk(logits, k, k_start=None, k_end=None):
     check_rank("logits", logits, 2, "[s_q, s_k]")
     check_dtype("logits", logits, (torch.float32,))
-    torch._check(k >= 0, lambda: f"k must be >= 0, got {k}")
+    check(k >= 0, lambda: f"k must be >= 0, got {k}")
     s_q = logits.shape[0]
     _check_window("k_start", k_start, s_q, "logits", logits)
     _check_window("k_end", k_end, s_q, "logits", logits)
@@ -363,7 +363,7 @@ def _check_attn_common(q, kv, lse, sm_scale):
     check_same_dtype("kv", kv, "q", q)
     check_device("kv", kv, "q", q)
     check_last_dim_contiguous("kv", kv)
-    torch._check(
+    check(
         kv.shape[1] == 1,
         lambda: f"kv.shape[1] (h_kv) must be 1 (the head-summed scores need one key set shared by "
         f"all heads), got {kv.shape[1]}",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (FLOAT_DTYPES, check_device, check_dtype, check_last_dim_contiguous,
+from .common import (FLOAT_DTYPES, check, check_device, check_dtype, check_last_dim_contiguous,
                      check_rank, check_size, define)
 from .layouts import check_fp8_cache, empty_cache, get_layout
 
@@ -25,7 +25,7 @@ def check_quantize_kv_cache(kv, layout: str):
     lay = get_layout(layout)
     check_rank("kv", kv, 4, f"[num_blocks, block_size, 1, {lay.d}]")
     check_dtype("kv", kv, FLOAT_DTYPES)
-    torch._check(kv.shape[2] == 1, lambda: f"kv.shape[2] (h_kv) must be 1, got {kv.shape[2]}")
+    check(kv.shape[2] == 1, lambda: f"kv.shape[2] (h_kv) must be 1, got {kv.shape[2]}")
     check_size("kv", kv, 3, lay.d, f"d of the {lay.name} layout")
     return lay
 

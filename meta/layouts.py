@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from .common import FP8_CACHE_DTYPES, check_dtype, check_rank
+from .common import check, FP8_CACHE_DTYPES, check_dtype, check_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ MODEL1_SCALE_STRIDE = 8  # 7 ue8m0 scales + 1 pad byte
 
 
 def get_layout(layout: str) -> FP8Layout:
-    torch._check(
+    check(
         isinstance(layout, str) and layout.lower() in LAYOUTS,
         lambda: f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}",
     )
@@ -67,7 +67,7 @@ def get_layout(layout: str) -> FP8Layout:
 
 def layout_for_d_qk(d_qk, name: str = "q") -> FP8Layout:
     # compared one by one (not a dict lookup): d_qk may be a SymInt under dynamic shapes
-    torch._check(
+    check(
         d_qk == V32.d or d_qk == MODEL1.d,
         lambda: f"{name}.shape[-1] (d_qk) must be 576 (V32 FP8 cache) or 512 (MODEL1 FP8 cache), "
         f"got {d_qk}",
@@ -79,23 +79,23 @@ def check_fp8_cache(name: str, cache: torch.Tensor, layout: FP8Layout) -> None:
     """A packed cache ``[num_blocks, block_size, 1, bytes]`` whose byte width matches ``layout``."""
     check_rank(name, cache, 4, f"[num_blocks, block_size, 1, {layout.bytes_per_token}]")
     check_dtype(name, cache, FP8_CACHE_DTYPES)
-    torch._check(
+    check(
         cache.shape[2] == 1,
         lambda: f"{name}.shape[2] (h_kv) must be 1 for an FP8 cache, got {cache.shape[2]}",
     )
-    torch._check(
+    check(
         cache.shape[3] == layout.bytes_per_token,
         lambda: f"{name}.shape[3] must be {layout.bytes_per_token} bytes per token for the "
         f"{layout.name} layout (d_qk {layout.d}), got {cache.shape[3]}",
     )
-    torch._check(
+    check(
         cache.stride(3) == 1 and cache.stride(1) == layout.bytes_per_token,
         lambda: f"{name} must be packed within a block (strides (*, {layout.bytes_per_token}, *, 1)),"
         f" got strides {tuple(cache.stride())}",
     )
     # Blocks must not overlap. FlashMLA pads MODEL1 blocks to 576 B (empty_cache does too), but
     # a copy made by clone() is dense; the bytes within a block are the same either way.
-    torch._check(
+    check(
         cache.shape[0] <= 1 or cache.stride(0) >= cache.shape[1] * layout.bytes_per_token,
         lambda: f"{name}.stride(0) must be at least {cache.shape[1] * layout.bytes_per_token} bytes "
         f"(one {layout.name} block of {cache.shape[1]} tokens), got {cache.stride(0)}",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_device, check_dtype, check_rank, check_shape, define
+from .common import check, check_device, check_dtype, check_rank, check_shape, define
 
 SCHEDULE_WIDTH = 8
 
@@ -33,8 +33,8 @@ FWD = define(
 def check_decode_schedule(seqlens, num_parts, block_n=64):
     check_rank("seqlens", seqlens, 1, "[b]")
     check_dtype("seqlens", seqlens, (torch.int32,))
-    torch._check(num_parts >= 1, lambda: f"num_parts must be >= 1, got {num_parts}")
-    torch._check(block_n >= 1, lambda: f"block_n must be >= 1, got {block_n}")
+    check(num_parts >= 1, lambda: f"num_parts must be >= 1, got {num_parts}")
+    check(block_n >= 1, lambda: f"block_n must be >= 1, got {block_n}")
 
 
 @torch.library.register_fake(FWD)
@@ -47,7 +47,7 @@ def _decode_schedule_fake(seqlens, num_parts, block_n=64):
 
 def check_schedule(schedule_metadata, num_splits, b, q) -> None:
     """The optional schedule a decode op receives."""
-    torch._check(
+    check(
         (schedule_metadata is None) == (num_splits is None),
         lambda: "schedule_metadata and num_splits must be given together (pass the "
         "DecodeSchedule returned by torch_mla.decode_schedule)",
@@ -56,7 +56,7 @@ def check_schedule(schedule_metadata, num_splits, b, q) -> None:
         return
     check_rank("schedule_metadata", schedule_metadata, 2, f"[num_parts, {SCHEDULE_WIDTH}]")
     check_dtype("schedule_metadata", schedule_metadata, (torch.int32,))
-    torch._check(
+    check(
         schedule_metadata.shape[1] == SCHEDULE_WIDTH,
         lambda: f"schedule_metadata.shape[1] must be {SCHEDULE_WIDTH}, got {schedule_metadata.shape[1]}",
     )

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import (stats_dtype, FLOAT_DTYPES, check_attn_sink, check_device, check_dtype, check_index,
-                     check_last_dim_contiguous, check_optional_index, check_finite_scale,
-                     check_rank, check_size, define)
+from .common import (FLOAT_DTYPES, check, check_attn_sink, check_device, check_dtype,
+                     check_finite_scale, check_index, check_last_dim_contiguous,
+                     check_optional_index, check_rank, check_size, define, stats_dtype)
 from .layouts import check_fp8_cache, layout_for_d_qk
 from .schedule import check_schedule
 
@@ -38,7 +38,7 @@ def check_sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, e
     layout = layout_for_d_qk(d_qk)
     check_fp8_cache("k_cache", k_cache, layout)
     check_device("k_cache", k_cache, "q", q)
-    torch._check(
+    check(
         0 < d_v <= layout.d,
         lambda: f"d_v must be in [1, {layout.d}] (values are the first d_v columns of a key), "
         f"got {d_v}",
@@ -50,13 +50,13 @@ def check_sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, e
     check_last_dim_contiguous("indices", indices)
     check_optional_index("topk_length", topk_length, (b,), "[b]", "q", q)
     check_attn_sink(attn_sink, h_q, q)
-    torch._check(
+    check(
         (extra_k_cache is None) == (extra_indices is None),
         lambda: "extra_k_cache and extra_indices must be given together "
         f"(got extra_k_cache {'set' if extra_k_cache is not None else 'None'}, "
         f"extra_indices {'set' if extra_indices is not None else 'None'})",
     )
-    torch._check(
+    check(
         extra_topk_length is None or extra_indices is not None,
         lambda: "extra_topk_length needs extra_k_cache and extra_indices",
     )

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .common import (stats_dtype, FLOAT_DTYPES, check_attn_sink, check_device, check_dtype, check_heads,
-                     check_index, check_last_dim_contiguous, check_optional_index, check_finite_scale,
-                     check_rank, check_same_dtype, check_shape, check_size, define)
+from .common import (FLOAT_DTYPES, check, check_attn_sink, check_device, check_dtype,
+                     check_finite_scale, check_heads, check_index, check_last_dim_contiguous,
+                     check_optional_index, check_rank, check_same_dtype, check_shape, check_size,
+                     define, stats_dtype)
 
 FWD = define(
     "sparse_prefill(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v, "
@@ -40,7 +41,7 @@ def check_sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_len
     h_kv = kv.shape[1]
     check_size("kv", kv, 2, d_qk, "d_qk of q")
     check_heads(h_q, h_kv)
-    torch._check(
+    check(
         0 < d_v <= d_qk,
         lambda: f"d_v must be in [1, d_qk={d_qk}] (values are kv[..., :d_v]), got {d_v}",
     )
