@@ -117,3 +117,17 @@ def empty_cache(num_blocks: int, block_size: int, layout: FP8Layout, device=None
     store = torch.empty((num_blocks, row), dtype=dtype, device=device)
     used = store[:, : block_size * layout.bytes_per_token]
     return used.view(num_blocks, block_size, 1, layout.bytes_per_token)
+
+
+def alignment_reasons(name: str, cache: torch.Tensor, why: str, align: int = 16) -> list:
+    """Why ``cache`` cannot be read with ``align``-byte vector loads (empty: it can). Kernels that
+    gather whole tokens need the base address and the block stride aligned; every cache made by
+    ``empty_cache`` or by FlashMLA is. A contract check would be too strict (the reference reads
+    any layout-valid cache), so backends report this from their supports()."""
+    reasons = []
+    if cache.data_ptr() % align:
+        reasons.append(f"{name} does not start at a {align}-byte aligned address ({why})")
+    if cache.shape[0] > 1 and cache.stride(0) % align:
+        reasons.append(f"{name}.stride(0) ({cache.stride(0)} bytes) is not a multiple of {align} "
+                       f"({why})")
+    return reasons

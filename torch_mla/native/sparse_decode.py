@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-from ..meta.layouts import MODEL1, V32
+from ..meta.layouts import MODEL1, V32, alignment_reasons
 from . import _lib, register
 
 _FMT = struct.Struct("<9qd28q")
@@ -126,13 +126,7 @@ def sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k
 
 
 def _aligned(name: str, cache: torch.Tensor) -> List[str]:
-    reasons = []
-    if cache.data_ptr() % 16:
-        reasons.append(f"{name} does not start at a 16-byte aligned address")
-    if cache.shape[0] > 1 and cache.stride(0) % 16:
-        reasons.append(f"{name}.stride(0) ({cache.stride(0)} bytes) is not a multiple of 16 "
-                       "(the kernel gathers tokens with 16-byte cp.async)")
-    return reasons
+    return alignment_reasons(name, cache, "the kernel gathers tokens with 16-byte cp.async")
 
 
 def supports(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,

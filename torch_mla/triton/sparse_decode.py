@@ -88,7 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..meta.layouts import V32, layout_for_d_qk
+from ..meta.layouts import V32, alignment_reasons, layout_for_d_qk
 from ..reference.schedule import decode_schedule
 from . import register
 from ._common import DOT_F32
@@ -491,13 +491,7 @@ def sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k
 
 
 def _aligned(name: str, cache: torch.Tensor) -> List[str]:
-    reasons = []
-    if cache.data_ptr() % 16:
-        reasons.append(f"{name} does not start at a 16-byte aligned address")
-    if cache.shape[0] > 1 and cache.stride(0) % 16:
-        reasons.append(f"{name}.stride(0) ({cache.stride(0)} bytes) is not a multiple of 16 "
-                       "(the kernel loads tokens and their f32/bf16 parts with aligned vectors)")
-    return reasons
+    return alignment_reasons(name, cache, "the kernel loads tokens and their f32/bf16 parts with aligned vectors")
 
 
 def supports(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
