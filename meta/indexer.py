@@ -139,6 +139,7 @@ def check_quant_options(d, hadamard: bool, scale_format: str, name: str = "x") -
         isinstance(scale_format, str) and scale_format in SCALE_FORMATS,
         lambda: f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}",
     )
+    check(d >= 1, lambda: f"{name}.shape[-1] (d) must be at least 1, got {d}")
     if hadamard:
         # The Sylvester Hadamard matrix exists for powers of two only.
         check(

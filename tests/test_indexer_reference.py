@@ -520,3 +520,18 @@ def test_topk_to_cache_indices_needs_batch_ids_or_batch_leading_dim():
     with pytest.raises(RuntimeError, match="positions.shape\\[0\\] must be the batch size"):
         torch_mla.indexer_topk_to_cache_indices(torch.zeros(3, 4, dtype=torch.int32),
                                                 torch.zeros(2, 5, dtype=torch.int32), 4)
+
+
+def test_topk_to_cache_indices_compiles_fullgraph_without_batch_ids():
+    pos = torch.tensor([[0, 5, -1], [3, 2, 9]], dtype=torch.int32)
+    table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    fn = lambda p, t: torch_mla.indexer_topk_to_cache_indices(p, t, 4)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected = torch.tensor([[8, 1, -1], [7, 6, -1]], dtype=torch.int32)
+    assert torch.equal(fn(pos, table), expected)
+    assert torch.equal(compiled(pos, table), expected)
+
+
+def test_quantize_rejects_empty_rows():
+    with pytest.raises(RuntimeError, match=r"x.shape\[-1\] \(d\) must be at least 1"):
+        torch_mla.indexer_quantize(torch.randn(3, 0), hadamard=False)

@@ -164,10 +164,11 @@ def indexer_topk_to_cache_indices(positions: Tensor, block_table: Tensor, block_
     pos = positions.long()
     b, max_blocks = block_table.shape
     if batch_ids is None:
+        shape = tuple(positions.shape)  # the message closes over plain values only (Dynamo)
         torch._check(
             pos.dim() >= 2 and pos.shape[0] == b,
             lambda: f"positions.shape[0] must be the batch size {b} of block_table when "
-            f"batch_ids is not given, got shape {tuple(positions.shape)}",
+            f"batch_ids is not given, got shape {shape}",
         )
         rows = torch.arange(b, device=pos.device).view(b, *([1] * (pos.dim() - 1)))
     else:
