@@ -329,15 +329,17 @@ def test_triton_is_chosen_for_every_kv_cache_op():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+import torch_mla.triton._jit as tri_jit  # noqa: E402
+
 
 @triton.jit
 def _convert_kernel(f_ptr, code_ptr, back_ptr, bf_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     f = tl.load(f_ptr + i, mask=m, other=0.0)
-    tl.store(code_ptr + i, tri_kv._f32_to_e4m3(f), mask=m)
+    tl.store(code_ptr + i, tri_jit.e4m3_encode(f), mask=m)
     c = (i & 0xFF).to(tl.int32)
-    tl.store(back_ptr + i, tri_kv._e4m3_to_f32(c), mask=m)
+    tl.store(back_ptr + i, tri_jit.e4m3_decode(c), mask=m)
     tl.store(bf_ptr + i, tri_kv._f32_to_bf16_bits(f), mask=m)
 
 

@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from . import register
+from ._jit import e4m3_decode, e4m3_encode
 from ._common import INTERPRET
 from ..meta.layouts import MODEL1_DATA_BYTES, MODEL1_SCALE_STRIDE, V32, empty_cache, get_layout
 
@@ -92,44 +93,6 @@ USE_HW_E4M3 = False
 def _bf16_bits_to_f32(b16):
     """int16/int32 bf16 bit patterns -> float32 values (exact: bf16 is f32's top half)."""
     return ((b16.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _f32_to_e4m3(f):
-    """float32 -> e4m3fn codes (int32 0..255), torch's conversion in integers."""
-    fb = f.to(tl.int32, bitcast=True)
-    sign = (fb >> 24) & 0x80
-    a = fb & 0x7FFFFFFF
-    # subnormal range (|f| < 2**-6): code = RNE(|f| / 2**-9), by an integer shift of the
-    # significand (shifts of 25 or more give 0 for a 24-bit significand, so clamp there)
-    e = a >> 23
-    sig = (a & 0x7FFFFF) | tl.where(e > 0, 0x800000, 0)
-    sh = tl.minimum(141 - tl.maximum(e, 1), 25)
-    q = sig >> sh
-    rem = sig & ((1 << sh) - 1)
-    half = 1 << (sh - 1)
-    q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
-    # normal range: rebias the exponent and round the mantissa to 3 bits, ties to even
-    odd = (a >> 20) & 1
-    n = ((a + (-120 << 23) + 0x7FFFF + odd) >> 20) & 0xFF
-    n = tl.where(n == 0x7F, 0x7E, n)  # rounding up into the NaN code saturates
-    code = tl.where(a < (121 << 23), q, n)
-    code = tl.where(a >= 0x43F00000, 0x7E, code)  # |f| >= 480 and inf saturate
-    code = tl.where(a > 0x7F800000, 0x7F, code)  # NaN
-    return code | sign
-
-
-@triton.jit
-def _e4m3_to_f32(c):
-    """e4m3fn codes (int32 0..255) -> float32 values (NaN for 0x7F/0xFF)."""
-    sign = (c & 0x80) << 24
-    e = (c >> 3) & 0xF
-    m = c & 0x7
-    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125  # m * 2**-9, exact
-    sub = tl.where(sign != 0, -sub, sub)
-    v = tl.where(e == 0, sub, normal)
-    return tl.where((c & 0x7F) == 0x7F, float("nan"), v)
 
 
 @triton.jit
@@ -235,7 +198,7 @@ def _pack_tokens(x_rows, dst, scale_dst, write,
         # can reach here (|y| <= 448 or NaN; a NaN from the GPU's arithmetic is positive there)
         codes = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     else:
-        codes = _f32_to_e4m3(y).to(tl.uint8)
+        codes = e4m3_encode(y).to(tl.uint8)
     tl.store(dst[:, None, None] + offs, codes, mask=m3)
 
     # bf16 RoPE: two bytes per value, little-endian (bytewise: a padded stride(0) may leave a
@@ -362,7 +325,7 @@ def _dequantize_kernel(cache_ptr, stride0, block_size, num_tokens, out_ptr,
     c = tl.arange(0, TILE)
     m3 = (t[None, :, None] < NUM_TILES * live[:, None, None]) & (c[None, None, :] < TILE)
     offs = t[None, :, None] * TILE + c[None, None, :]
-    v = _e4m3_to_f32(tl.load(src[:, None, None] + offs, mask=m3, other=0).to(tl.int32))
+    v = e4m3_decode(tl.load(src[:, None, None] + offs, mask=m3, other=0).to(tl.int32))
     tmask = t[None, :] < NUM_TILES * live[:, None]
     if V32_FORMAT:
         # the tile's f32 scale from its 4 little-endian bytes; e4m3 * f32 in f32, then bf16
