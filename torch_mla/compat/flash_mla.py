@@ -3,7 +3,7 @@
 A FlashMLA user switches by changing one import::
 
     import torch_mla.compat.flash_mla as flash_mla
-    # or: from torch_mla.compat.flash_mla import flash_mla_with_kvcache, get_mla_metadata
+    # or: from torch_mla.compat.flash_mla import get_mla_metadata, flash_mla_with_kvcache
 
 The functions keep FlashMLA's names, argument order, defaults and return values; the work is done
 by ``torch_mla.sparse_decode`` / ``dense_decode`` / ``sparse_prefill`` / ``dense_prefill``, so it

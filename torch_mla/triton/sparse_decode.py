@@ -59,7 +59,7 @@ dequantized once per BLOCK_H=64 heads, twice for h_q=128) and the fp32 partial o
 split-KV workspace.
 
 Measured on one H100 80GB HBM3 (Triton 3.6, torch 2.11, CUDA-graph replay, median; FlashMLA's
-figures from the same kind of machine, shared/peers/flashmla/README.md):
+figures from the same kind of machine, in the FlashMLA peer's README in the shared folder):
 
     V32 b=64  h_q=128 topk=2048           500 us  146 TFLOP/s  0.40x FlashMLA (201.7 us)
     V32 b=128 h_q=128 topk=2048           989 us  148 TFLOP/s  0.39x (389.6 us)
