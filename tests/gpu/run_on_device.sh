@@ -26,7 +26,9 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 git -C "$repo" rev-parse HEAD 2>/dev/null | tee -a "$out/device.txt"
-# tests from inside tests/: the repo root must not shadow the assembled package
-(cd "$repo/tests" && python3 -m pytest -q -p no:cacheprovider gpu "$@" 2>&1 | tee "$out/gpu_tests.txt")
 peer=""; [ -d "$repo/.peers/flashmla" ] && peer=":$repo/.peers/flashmla"
+# tests from inside tests/: the repo root must not shadow the assembled package; the peer is on
+# the path so that the FlashMLA cross-checks run
+(cd "$repo/tests" && PYTHONPATH="$PYTHONPATH$peer" python3 -m pytest -q -p no:cacheprovider gpu "$@" 2>&1 \
+  | tee "$out/gpu_tests.txt")
 (cd /tmp && PYTHONPATH="$PYTHONPATH$peer" python3 -m torch_mla.bench --quick --out "$out/bench" 2>&1 | tee "$out/bench.txt")
