@@ -1,10 +1,13 @@
 """The benchmark harness on the CPU: FLOP/byte formulas on known shapes (checked against the
-FlashMLA peer table's published times, TFLOPS and GB/s, and against brute-force counts), the
-Markdown writer, and a --tiny --quick dry run of every case (reference backend, host clock)."""
+FlashMLA peer table's published times, TFLOPS and GB/s, against brute-force counts, and for the
+DSA indexer against hand-computed numbers at the production shapes), the roof kinds (FP8 roof
+absent on a CPU), the Markdown writer, and a --tiny --quick dry run of every case (reference
+backend, host clock)."""
 
 import itertools
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 from torch_mla.bench import cases as C
 from torch_mla.bench import cli, report
 from torch_mla.bench import flops as F
+from torch_mla.bench import roof as R
 from torch_mla.bench.roof import Roof
 
 
@@ -101,6 +105,89 @@ def test_sparse_prefill_backward_and_kv_write_counts():
     assert F.kv_cache_write(16, 576, 656) == (0.0, 16 * (1152 + 8 + 656))
 
 
+# ---------------------------------------------------------------------------------------------
+# DSA indexer counts (hand-computed at the bench's shapes; sources in flops.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_indexer_logits_counts():
+    # causal: the last 4096 queries of a 32768-token sequence; query t sees 28673 + t keys
+    visible = F.window_pairs(4096, 32768, causal=True)
+    assert visible == 125_831_168  # (28673 + 32768) * 4096 / 2
+    fl, nb = F.indexer_logits(4096, 32768, 64, 128, visible)
+    assert fl == 2_061_617_856_512  # 2 * visible * h * d (DeepGEMM test_mqa_logits)
+    # q 33,554,432 + k 4,194,304 + k_scale 131,072 + weights 1,048,576 + k_start/k_end 32,768
+    # + the whole f32 output 536,870,912
+    assert nb == 575_832_064
+    assert F.indexer_logits_all_keys_flops(4096, 32768, 64, 128) == 2_199_023_255_552
+    assert F.window_pairs(4096, 32768, causal=False) == 4096 * 32768
+
+
+def test_indexer_window_pairs_are_deepgemm_cost():
+    # DeepGEMM's cost_only count: sum over rows of clamp(ke) - clamp(ks), clamped at 0, with
+    # the bench's windows ks = 0, ke = s_k - s_q + t + 1 (causal) or s_k (full)
+    for s_q, s_k in itertools.product(range(0, 7), range(0, 7)):
+        for causal in (False, True):
+            cost = 0
+            for t in range(s_q):
+                ke = s_k - s_q + t + 1 if causal else s_k
+                cost += max(0, min(max(ke, 0), s_k) - 0)
+            assert F.window_pairs(s_q, s_k, causal) == cost
+
+
+def test_indexer_paged_topk_quantize_write_counts():
+    fl, nb = F.indexer_logits_paged(128, 2, 64, 128, 128 * 32768, 64, 32768)
+    assert fl == 137_438_953_472  # 2 * sum_lens * next_n * h * d (DeepGEMM)
+    # q 2,097,152 + weights 65,536 + context_lens 512 + cache 553,648,128 + block table 262,144
+    # + output 33,554,432
+    assert nb == 589_627_904
+    assert F.indexer_topk(4096, 32768, 2048) == (0.0, 570_425_344)  # 536,870,912 + 33,554,432
+    # [4096, 64, 128] bf16: 67,108,864 read, 33,554,432 + 1,048,576 written
+    assert F.indexer_quantize(4096 * 64, 128) == (0.0, 101_711_872)
+    assert F.write_indexer_cache(16384, 128) == (0.0, 6_488_064)  # 16384 * (256 + 8 + 132)
+
+
+def test_roof_kinds():
+    r = Roof(bandwidth=1e12, flops=1e15, how="", fp8_flops=2e15, fp8_how="probe")
+    # 1e12 FLOP: 1 ms at the bf16 rate, 0.5 ms at the FP8 rate; 1e8 B: 0.1 ms
+    assert r.percent(1e12, 1e8, 1e-3) == pytest.approx(100.0)
+    assert r.percent(1e12, 1e8, 1e-3, "fp8") == pytest.approx(50.0)
+    assert r.percent(1e12, 1e8, 1e-3, "bytes") == pytest.approx(10.0)
+    # memory bound at FP8 too
+    assert r.percent(1e9, 1e9, 2e-3, "fp8") == pytest.approx(50.0)
+    no_fp8 = Roof(bandwidth=1e12, flops=1e15, how="")
+    assert no_fp8.fp8_flops is None and no_fp8.percent(1e12, 1e8, 1e-3, "fp8") is None
+    with pytest.raises(ValueError):
+        r.time(1.0, 1.0, "fp16")
+
+
+def test_fp8_roof_is_absent_on_cpu():
+    rate, why = R.fp8_matmul_rate(torch.device("cpu"))
+    assert rate is None and "no FP8 roof" in why
+    measured = R.measure(torch.device("cpu"), quick=True)
+    assert measured.fp8_flops is None and "no FP8 roof" in measured.fp8_how
+
+
+def test_torch_logits_baseline_matches_float64_formula():
+    # the "torch" baseline must compute what indexer_logits computes (bf16 rounding aside)
+    gen = torch.Generator().manual_seed(1)
+    s_q, s_k, h, d = 5, 37, 3, 16
+    q8 = (torch.randn(s_q, h, d, generator=gen) * 4).to(torch.float8_e4m3fn)
+    k8 = (torch.randn(s_k, d, generator=gen) * 4).to(torch.float8_e4m3fn)
+    ks = torch.rand(s_k, generator=gen) + 0.5
+    w = torch.randn(s_q, h, generator=gen)
+    lo = torch.tensor([0, 3, 10, 0, 36], dtype=torch.int32)
+    hi = torch.tensor([37, 20, 10, 1, 40], dtype=torch.int32)
+    got = C._torch_logits(q8, k8, ks, w, lo, hi)()
+    s = torch.einsum("thd,sd->ths", q8.double(), k8.double()).clamp_min(0)
+    want = (w.double()[:, :, None] * s).sum(1) * ks.double()
+    pos = torch.arange(s_k)
+    inside = (pos[None] >= lo[:, None].long()) & (pos[None] < hi[:, None].long())
+    assert torch.equal(torch.isfinite(got), inside)
+    assert bool((got[~inside] == float("-inf")).all())
+    err = (got[inside].double() - want[inside]).norm() / want[inside].norm()
+    assert err < 2e-2
+
+
 def test_roof_percent():
     r = Roof(bandwidth=1e12, flops=1e15, how="")
     # memory bound: 1 GB at 1 TB/s = 1 ms; measured 2 ms -> 50 %
@@ -178,7 +265,9 @@ def test_tiny_quick_dry_run(tmp_path, capsys):
     assert {r.op for r in ran} == set(C.OPS)  # the reference ran every case
     for r in ran:
         assert r.us > 0 and math.isfinite(r.us)
-        if r.op != "host_overhead":
+        if r.op == "indexer_logits":  # % of the FP8 roof, which a CPU lacks: said so
+            assert r.gbps > 0 and r.pct_roof is None and "no FP8 roof" in r.note
+        elif r.op != "host_overhead":
             assert r.gbps > 0 and r.pct_roof > 0
     # refusals are recorded with a reason, and the run went on
     refused = [r for r in rows if not r.ran]
@@ -188,6 +277,54 @@ def test_tiny_quick_dry_run(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == len(rows) and data["meta"]["tiny"] is True
     assert (out / "results.md").read_text().count("\n") >= len(rows) + 2
+
+
+def test_indexer_cases_dry_run():
+    ops = "indexer_logits,indexer_logits_paged,indexer_topk,indexer_quantize,write_indexer_cache"
+    t0 = time.perf_counter()
+    rows = cli.main(["--tiny", "--quick", "--ops", ops])
+    assert time.perf_counter() - t0 < 20  # a few seconds on 2 cores
+    by = {(r.op, r.backend, r.case): r for r in rows}
+    assert {r.op for r in rows} == set(C.INDEXER_OPS)
+    assert sum(1 for r in rows if r.op == "indexer_logits" and r.backend == "reference") == 2
+    for r in rows:
+        if r.backend == "reference":
+            assert r.ran and r.gbps > 0, r
+            if r.op in ("indexer_logits", "indexer_topk"):
+                # compared with the plain-PyTorch baseline of the same case, in the note
+                base = by[(r.op, "torch", r.case)]
+                assert base.ran and r.x_baseline == pytest.approx(base.us / r.us)
+                assert f"{r.x_baseline:.2f}x torch" in r.note
+            if r.op == "indexer_logits":
+                assert r.tflops > 0 and r.pct_roof is None
+                assert ("counting all s_k keys" in r.note) == ("causal" in r.case)
+            else:
+                assert r.pct_roof > 0
+        elif r.backend == "native":
+            assert not r.ran and "no kernel for" in r.note  # the dispatcher's reason
+        elif r.backend == "flashmla":
+            assert not r.ran and "no DSA indexer" in r.note
+        elif r.backend == "torch" and r.op not in ("indexer_logits", "indexer_topk"):
+            assert not r.ran and "baseline" in r.note
+    # the causal case counts the visible pairs only
+    causal = next(c for c in C.all_cases(True) if c.op == "indexer_logits" and "causal" in c.name)
+    sp = causal.spec
+    want = 2.0 * F.attn_pairs(sp["s_q"], sp["s_k"], True) * sp["h"] * sp["d"]
+    assert by[("indexer_logits", "reference", causal.name)].flops == want
+
+
+def test_indexer_case_table():
+    for tiny in (False, True):
+        cs = [c for c in C.all_cases(tiny) if c.op in C.INDEXER_OPS]
+        assert [c.op for c in cs].count("indexer_logits") == 2
+        assert {c.op for c in cs} == set(C.INDEXER_OPS)
+    full = {c.op: c.spec for c in C.all_cases() if c.op in C.INDEXER_OPS}
+    assert full["indexer_logits_paged"] == dict(b=128, next_n=2, context=32768, h=64, d=128,
+                                                block_size=64)
+    assert full["indexer_topk"] == dict(rows=4096, s_k=32768, k=2048)
+    assert tuple(full["indexer_quantize"]["shape"]) == (4096, 64, 128)
+    assert full["write_indexer_cache"]["n"] == 16384
+    assert C.baseline_of(C.all_cases()[0]) is None
 
 
 def test_reference_is_skipped_on_huge_shapes(monkeypatch):

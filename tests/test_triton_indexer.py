@@ -384,7 +384,7 @@ def test_paged_logits_match_float64(next_n, bs, pad, offset, dtype, chunks, gen,
             want[row, :n_tok] = logits64(q8[i, j][None], w[row][None], k8, k_scale,
                                          allowed[None])[0]
     check_logits(out, want)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_paged_logits_deepseek_head_shape_match_ragged(gen):
@@ -397,7 +397,7 @@ def test_paged_logits_deepseek_head_shape_match_ragged(gen):
         ragged = torch_mla.indexer_logits(q8[0], k8, k_scale, w, torch.zeros(2, dtype=torch.int32),
                                           torch.tensor([n_tok - 1, n_tok], dtype=torch.int32))
     assert torch.isneginf(paged[:, n_tok:]).all()
-    torch.testing.assert_close(paged[:, :n_tok], ragged, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(paged[:, :n_tok], ragged, rtol=1e-5, atol=1e-4)
     allowed = torch.arange(n_tok)[None] < torch.tensor([[n_tok - 1], [n_tok]])
     check_logits(ragged, logits64(q8[0], w, k8, k_scale, allowed))
 

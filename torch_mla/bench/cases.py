@@ -1,14 +1,20 @@
 """The benchmark cases: shapes, inputs, FLOP/byte counts and one callable per backend.
 
 Shapes are the rows of the FlashMLA peer table (shared/peers/flashmla/README.md) plus the ops
-FlashMLA lacks. Inputs follow FlashMLA's tests: values ``randn / 10`` clamped to [-1, 1] (bf16),
-each batch element owns its cache blocks (a shuffled block table), cache lengths padded to
-4 blocks, sparse indices drawn without replacement within the valid range (per query row), full
-lengths (no topk_length, every cache_seqlens = s_k). ``--tiny`` shrinks every shape (head dims
-stay real: the FP8 layouts fix them) so the whole table runs on a CPU in seconds.
+FlashMLA lacks: sparse backward, the KV-cache writer and the DSA lightning indexer
+(DeepSeek-V3.2: 64 heads of dim 128, FP8 q and k, top-2048; the shapes of the targets in
+torch_mla/triton/indexer.py). Inputs follow FlashMLA's tests: values ``randn / 10`` clamped to
+[-1, 1] (bf16), each batch element owns its cache blocks (a shuffled block table), cache lengths
+padded to 4 blocks, sparse indices drawn without replacement within the valid range (per query
+row), full lengths (no topk_length, every cache_seqlens = s_k); the indexer's FP8 inputs come
+from indexer_quantize of random bf16 (randn, unscaled). ``--tiny`` shrinks every shape (head
+dims stay real: the FP8 layouts fix them) so the whole table runs on a CPU in seconds.
 
 A backend is one of ``BACKENDS``: torch_mla's own ("triton", "native", "reference", forced with
-``torch_mla.use_backend``) and the peers ("flashmla", and for dense prefill "sdpa" and "flex").
+``torch_mla.use_backend``) and the peers ("flashmla", for dense prefill "sdpa" and "flex", and
+"torch": a plain-PyTorch baseline of an indexer op, torch.topk for indexer_topk and a chunked
+bf16 formula for indexer_logits; every other case refuses it with a reason). ``baseline_of``
+names the baseline whose time each row is compared with in its note.
 ``Built.calls`` maps a backend to a zero-argument callable, ``Built.refused`` to the reason it
 cannot run the case; a backend that raises when first called is recorded as refusing too.
 """
@@ -28,9 +34,11 @@ from . import flops as F
 from .peers import flashmla, flex_attention
 
 OURS = ("triton", "native", "reference")
-BACKENDS = OURS + ("flashmla", "sdpa", "flex")
+BACKENDS = OURS + ("flashmla", "sdpa", "flex", "torch")
+INDEXER_OPS = ("indexer_logits", "indexer_logits_paged", "indexer_topk", "indexer_quantize",
+               "write_indexer_cache")
 OPS = ("dense_decode", "sparse_decode", "sparse_prefill", "sparse_prefill_bwd", "dense_prefill",
-       "dense_prefill_bwd", "kv_cache_write", "host_overhead")
+       "dense_prefill_bwd", "kv_cache_write", "host_overhead") + INDEXER_OPS
 
 # The reference (fp32 PyTorch, gathers materialised) runs only below these sizes: beyond them a
 # case takes minutes and tens of GB.
@@ -59,6 +67,11 @@ class Built:
     # bytes the roof is computed from, when FlashMLA's count is not the minimal DRAM traffic
     # (sparse prefill counts every gathered row; distinct rows are what must come from DRAM)
     roof_nbytes: Optional[float] = None
+    # which rate bounds the FLOPs (roof.KINDS): "matmul" (bf16), "fp8", or "bytes" (memory only)
+    roof: str = "matmul"
+    # a second FLOP count shown in the note as TFLOPS (the indexer's logits over all s_k keys)
+    alt_flops: Optional[float] = None
+    alt_flops_what: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +131,35 @@ def all_cases(tiny: bool = False) -> List[Case]:
         ho.update(h_q=8, s_k=128, topk=32, block_size=16)
     c.append(Case("host_overhead", f"host overhead: one eager sparse_decode b={ho['b']} "
                   f"h_q={ho['h_q']} topk={ho['topk']}", ho, kind="host"))
+    c += _indexer_cases(tiny)
+    return c
+
+
+def _indexer_cases(tiny: bool) -> List[Case]:
+    """The DSA indexer (d = 128 stays real under --tiny; the rest shrinks)."""
+    c: List[Case] = []
+    d = 128
+    # ragged prefill: one sequence, the last s_q of its s_k tokens (causal), or full windows
+    s_q, s_k, h = (4096, 32768, 64) if not tiny else (16, 128, 8)
+    for causal in (True, False):
+        what = "causal" if causal else "full"
+        c.append(Case("indexer_logits",
+                      f"indexer_logits {what} s_q={s_q} s_k={s_k} h={h} d={d}",
+                      dict(s_q=s_q, s_k=s_k, h=h, d=d, causal=causal)))
+    b, n, ctx, h, bs = (128, 2, 32768, 64, 64) if not tiny else (2, 2, 128, 8, 16)
+    c.append(Case("indexer_logits_paged",
+                  f"indexer_logits_paged b={b} next_n={n} context={ctx} h={h} d={d} "
+                  f"block_size={bs}",
+                  dict(b=b, next_n=n, context=ctx, h=h, d=d, block_size=bs)))
+    rows, s_k, k = (4096, 32768, 2048) if not tiny else (16, 256, 32)
+    c.append(Case("indexer_topk", f"indexer_topk rows={rows} s_k={s_k} k={k}",
+                  dict(rows=rows, s_k=s_k, k=k)))
+    s, h = (4096, 64) if not tiny else (32, 8)
+    c.append(Case("indexer_quantize", f"indexer_quantize q [{s}, {h}, {d}] bf16 (Hadamard)",
+                  dict(shape=(s, h, d))))
+    n, nb, bs = (16384, 4096, 64) if not tiny else (64, 8, 16)
+    c.append(Case("write_indexer_cache", f"write_indexer_cache n={n} d={d}",
+                  dict(n=n, d=d, num_blocks=nb, block_size=bs)))
     return c
 
 
@@ -374,6 +416,132 @@ def _kv_cache_write(sp, dev, gen) -> Built:
     return Built(flops, nbytes, calls, refused)
 
 
+def _indexer_any(fn: Callable[[], object]):
+    """Input preparation with an indexer op: the default backend, else the reference (which
+    always runs; on a GPU the unverified Triton kernels are not picked unless forced)."""
+    try:
+        return fn()
+    except Exception:
+        with torch_mla.use_backend("reference"):
+            return fn()
+
+
+_NO_INDEXER_PEER = "FlashMLA has no DSA indexer"
+
+
+def _fp8_queries(gen, shape, dev):
+    """(FP8 queries of ``shape`` from random bf16 through indexer_quantize, f32 indexer
+    weights ``shape[:-1]`` with q's scale and the softmax scale folded in, as the caller of the
+    logits ops does: meta/indexer.py)."""
+    q = _randn(gen, shape, dev, scale=1.0)
+    q_fp8, q_scale = _indexer_any(lambda: torch_mla.indexer_quantize(q))
+    w = torch.randn(shape[:-1], generator=gen, device=dev)
+    weights = w * q_scale * shape[-1] ** -0.5
+    return q_fp8, weights
+
+
+def _torch_logits(q_fp8, k_fp8, k_scale, weights, k_start, k_end):
+    """The plain-PyTorch baseline of indexer_logits: bf16 matmuls (e4m3 values are exact in
+    bf16) over chunks of queries whose [c, h, s_k] bf16 scores take about 1 GiB, ReLU, the
+    weighted head sum as a batched matmul, the key scale, the window mask."""
+    s_q, h, d = q_fp8.shape
+    s_k = k_fp8.shape[0]
+    q = q_fp8.to(torch.bfloat16)
+    k_t = k_fp8.to(torch.bfloat16).t()
+    w = weights.to(torch.bfloat16).unsqueeze(1)  # [s_q, 1, h]
+    cols = torch.arange(s_k, device=q.device)
+    step = max(1, min(s_q, (1 << 30) // max(1, h * s_k * 2)))
+
+    def run():
+        out = torch.empty((s_q, s_k), dtype=torch.float32, device=q.device)
+        for s in range(0, s_q, step):
+            e = min(s + step, s_q)
+            sc = torch.relu_(torch.matmul(q[s:e].reshape(-1, d), k_t).view(e - s, h, s_k))
+            val = torch.bmm(w[s:e], sc).squeeze(1).float() * k_scale
+            mask = (cols >= k_start[s:e, None]) & (cols < k_end[s:e, None])
+            out[s:e] = torch.where(mask, val, float("-inf"))
+        return out
+    return run
+
+
+def _indexer_logits(sp, dev, gen) -> Built:
+    s_q, s_k, h, d, causal = sp["s_q"], sp["s_k"], sp["h"], sp["d"], sp["causal"]
+    q_fp8, weights = _fp8_queries(gen, (s_q, h, d), dev)
+    k = _randn(gen, (s_k, d), dev, scale=1.0)
+    k_fp8, k_scale = _indexer_any(lambda: torch_mla.indexer_quantize(k))
+    t = torch.arange(s_q, device=dev, dtype=torch.int32)
+    k_start = torch.zeros(s_q, dtype=torch.int32, device=dev)
+    k_end = (t + (s_k - s_q + 1) if causal else torch.full_like(t, s_k)).clamp(0, s_k)
+    visible = F.window_pairs(s_q, s_k, causal)
+    flops, nbytes = F.indexer_logits(s_q, s_k, h, d, visible)
+    alt = F.indexer_logits_all_keys_flops(s_q, s_k, h, d)
+    refused: Dict[str, str] = {"flashmla": _NO_INDEXER_PEER}
+    calls = _with_ours(lambda: torch_mla.indexer_logits(q_fp8, k_fp8, k_scale, weights, k_start,
+                                                        k_end), refused)
+    calls["torch"] = _torch_logits(q_fp8, k_fp8, k_scale, weights, k_start, k_end)
+    return Built(flops, nbytes, calls, refused, roof="fp8",
+                 alt_flops=alt if alt != flops else None, alt_flops_what="all s_k keys")
+
+
+def _indexer_logits_paged(sp, dev, gen) -> Built:
+    b, n, ctx, h, d, bs = (sp["b"], sp["next_n"], sp["context"], sp["h"], sp["d"],
+                           sp["block_size"])
+    nblk = math.ceil(ctx / bs)
+    q_fp8, weights = _fp8_queries(gen, (b, n, h, d), dev)
+    weights = weights.view(b * n, h)
+    cache = torch_mla.new_indexer_cache(b * nblk, bs, d, device=dev)
+    # every slot gets a random key, written a chunk at a time (the bf16 source of the whole
+    # cache would be 1 GB beside it)
+    slots = b * nblk * bs
+    per = 1 << 20
+    for s0 in range(0, slots, per):
+        s1 = min(slots, s0 + per)
+        kk = _randn(gen, (s1 - s0, d), dev, scale=1.0)
+        sl = torch.arange(s0, s1, device=dev)
+        _indexer_any(lambda: torch_mla.write_indexer_cache(cache, kk, sl))
+    # each batch element owns its blocks, shuffled (as the decode cases)
+    table = torch.randperm(b * nblk, generator=gen, device=dev).to(torch.int32).view(b, nblk)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+    flops, nbytes = F.indexer_logits_paged(b, n, h, d, b * ctx, bs, ctx)
+    refused: Dict[str, str] = {"flashmla": _NO_INDEXER_PEER}
+    calls = _with_ours(lambda: torch_mla.indexer_logits_paged(q_fp8, cache, weights, lens, table,
+                                                              ctx), refused)
+    # memory bound (FLOPs at FP8 take ~40 % of the bytes' time on an H100): the roof is the
+    # copy bandwidth alone, so it does not depend on whether an FP8 roof was measured
+    return Built(flops, nbytes, calls, refused, roof="bytes")
+
+
+def _indexer_topk(sp, dev, gen) -> Built:
+    rows, s_k, k = sp["rows"], sp["s_k"], sp["k"]
+    logits = torch.randn((rows, s_k), generator=gen, device=dev)
+    flops, nbytes = F.indexer_topk(rows, s_k, k)
+    refused: Dict[str, str] = {"flashmla": _NO_INDEXER_PEER}
+    calls = _with_ours(lambda: torch_mla.indexer_topk(logits, k), refused)
+    calls["torch"] = lambda: torch.topk(logits, k, dim=-1)
+    return Built(flops, nbytes, calls, refused)
+
+
+def _indexer_quantize(sp, dev, gen) -> Built:
+    shape = tuple(sp["shape"])
+    x = _randn(gen, shape, dev, scale=1.0)
+    rows, d = math.prod(shape[:-1]), shape[-1]
+    flops, nbytes = F.indexer_quantize(rows, d, x.element_size())
+    refused: Dict[str, str] = {"flashmla": _NO_INDEXER_PEER}
+    calls = _with_ours(lambda: torch_mla.indexer_quantize(x), refused)
+    return Built(flops, nbytes, calls, refused)
+
+
+def _write_indexer_cache(sp, dev, gen) -> Built:
+    n, d, nb, bs = sp["n"], sp["d"], sp["num_blocks"], sp["block_size"]
+    cache = torch_mla.new_indexer_cache(nb, bs, d, device=dev)
+    k = _randn(gen, (n, d), dev, scale=1.0)
+    slots = torch.randperm(nb * bs, generator=gen, device=dev)[:n]  # distinct, int64
+    flops, nbytes = F.write_indexer_cache(n, d, k.element_size())
+    refused: Dict[str, str] = {"flashmla": _NO_INDEXER_PEER}
+    calls = _with_ours(lambda: torch_mla.write_indexer_cache(cache, k, slots), refused)
+    return Built(flops, nbytes, calls, refused)
+
+
 def _host_overhead(sp, dev, gen) -> Built:
     built = _sparse_decode(sp, dev, gen)
     built.flops = built.nbytes = 0.0  # host time only
@@ -389,6 +557,11 @@ _BUILDERS = {
     "dense_prefill_bwd": lambda sp, dev, gen: _dense_prefill(sp, dev, gen, True),
     "kv_cache_write": _kv_cache_write,
     "host_overhead": _host_overhead,
+    "indexer_logits": _indexer_logits,
+    "indexer_logits_paged": _indexer_logits_paged,
+    "indexer_topk": _indexer_topk,
+    "indexer_quantize": _indexer_quantize,
+    "write_indexer_cache": _write_indexer_cache,
 }
 
 
@@ -396,6 +569,9 @@ def build(case: Case, device: torch.device, seed: int = 0) -> Built:
     gen = torch.Generator(device=device).manual_seed(seed)
     built = _BUILDERS[case.op](case.spec, device, gen)
     built.ref_ok = built.flops <= REF_MAX_FLOPS and built.nbytes <= REF_MAX_BYTES
+    if "torch" not in built.calls:
+        built.refused.setdefault("torch", "no plain-PyTorch baseline for this op (the 'torch' "
+                                 "backend is the baseline of indexer_logits and indexer_topk)")
     return built
 
 
@@ -403,3 +579,9 @@ def peer_of(case: Case) -> Optional[str]:
     """The backend whose time the 'x FlashMLA' column divides by (None: FlashMLA lacks the op)."""
     return "flashmla" if case.op in ("dense_decode", "sparse_decode", "sparse_prefill",
                                      "host_overhead") else None
+
+
+def baseline_of(case: Case) -> Optional[str]:
+    """The plain-PyTorch baseline whose time each row's note is compared with ("N.NNx torch" =
+    the baseline's time / this time, > 1: faster than it), None where there is none."""
+    return "torch" if case.op in ("indexer_logits", "indexer_topk") else None

@@ -1,5 +1,6 @@
 """``python -m torch_mla.bench``: every case x backend, timed, with TFLOPS, GB/s, % of the roof
-measured in the same run, and the ratio to FlashMLA on the same inputs.
+measured in the same run, and the ratio to FlashMLA on the same inputs (for the DSA indexer's
+logits and top-k: the ratio to a plain-PyTorch baseline, in the note).
 
     python -m torch_mla.bench [--ops OP,...] [--backends B,...] [--quick] [--tiny] [--out DIR]
 
@@ -70,6 +71,10 @@ def _refusal(exc: BaseException) -> str:
     return _short(exc)
 
 
+def _add_note(row: Row, text: str) -> None:
+    row.note = (row.note + "; " if row.note else "") + text
+
+
 def _time(case: C.Case, fn, device: torch.device, quick: bool):
     if case.kind == "host":
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -126,7 +131,12 @@ def run_case(case: C.Case, backends: Sequence[str], device: torch.device, the_ro
         if case.kind == "device" and (built.flops or built.nbytes):
             row.tflops = built.flops / secs / 1e12 if built.flops else None
             row.gbps = built.nbytes / secs / 1e9
-            row.pct_roof = the_roof.percent(built.flops, roof_nbytes, secs)
+            row.pct_roof = the_roof.percent(built.flops, roof_nbytes, secs, built.roof)
+            if built.roof == "fp8" and the_roof.fp8_flops is None:
+                _add_note(row, the_roof.fp8_how)
+            if built.alt_flops:
+                _add_note(row, f"{built.alt_flops / secs / 1e12:,.1f} TFLOPS counting "
+                          f"{built.alt_flops_what}")
         _log(f"  {b:10s} {row.us:12.1f} us  {method}")
     peer = C.peer_of(case)
     peer_row = next((r for r in rows if r.backend == peer and r.ran), None)
@@ -134,11 +144,24 @@ def run_case(case: C.Case, backends: Sequence[str], device: torch.device, the_ro
         for r in rows:
             if r.ran:
                 r.x_flashmla = peer_row.us / r.us
+    base = C.baseline_of(case)
+    base_row = next((r for r in rows if r.backend == base and r.ran), None)
+    if base_row is not None:
+        for r in rows:
+            if r.ran and r is not base_row:
+                r.x_baseline = base_row.us / r.us
+                _add_note(r, f"{r.x_baseline:.2f}x {base}")
     built = fn = None  # drop the inputs before the next case builds its own
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _fp8_text(the_roof: roof.Roof) -> str:
+    if the_roof.fp8_flops is None:
+        return f"none ({the_roof.fp8_how})"
+    return f"{the_roof.fp8_flops / 1e12:,.1f} TFLOPS ({the_roof.fp8_how})"
 
 
 def main(argv=None) -> List[Row]:
@@ -161,7 +184,7 @@ def main(argv=None) -> List[Row]:
          f"{', quick' if args.quick else ''}): {len(cases)} cases x {len(backends)} backends")
     the_roof = roof.measure(device, args.quick)
     _log(f"roof: {the_roof.bandwidth / 1e9:,.0f} GB/s, {the_roof.flops / 1e12:,.1f} TFLOPS "
-         f"({the_roof.how})")
+         f"({the_roof.how}); FP8: {_fp8_text(the_roof)}")
     rows: List[Row] = []
     t0 = time.time()
     for case in cases:
@@ -182,17 +205,24 @@ def main(argv=None) -> List[Row]:
         "roof_bandwidth_GBps": the_roof.bandwidth / 1e9,
         "roof_TFLOPS": the_roof.flops / 1e12,
         "roof_how": the_roof.how,
+        "roof_fp8_TFLOPS": None if the_roof.fp8_flops is None else the_roof.fp8_flops / 1e12,
+        "roof_fp8_how": the_roof.fp8_how,
         "seconds": round(time.time() - t0, 1),
         "methods": sorted({r.method for r in rows if r.method}),
     }
     header = (f"torch_mla benchmark on {device_name}, torch {torch.__version__}; roof measured "
               f"in this run: {the_roof.bandwidth / 1e9:,.0f} GB/s, "
-              f"{the_roof.flops / 1e12:,.1f} TFLOPS. us = median per call "
+              f"{the_roof.flops / 1e12:,.1f} TFLOPS bf16, FP8 {_fp8_text(the_roof)}. "
+              f"us = median per call "
               f"({'CUDA-graph replay' if device.type == 'cuda' else 'host clock'}); host "
               f"overhead rows: host time of one eager call. TFLOPS and GB/s use FlashMLA's counts; "
               f"% of roof = max(FLOPs / matmul rate, bytes / copy bandwidth) / time, with "
               f"distinct rows as the bytes of sparse prefill (FlashMLA counts every gathered "
-              f"row). x FlashMLA = FlashMLA's time / this time, same inputs, same run.")
+              f"row). x FlashMLA = FlashMLA's time / this time, same inputs, same run. DSA "
+              f"indexer logits: FLOPs as DeepGEMM's tests count them (visible (query, key) "
+              f"pairs; the head-sum epilogue not counted), bytes with the whole -inf-filled "
+              f"output; % of the FP8 roof (ragged) or of the copy bandwidth alone (paged). "
+              f"'Nx torch' in a note = the plain-PyTorch baseline's time / this time.")
     table = report.markdown(rows, header)
     if args.out:
         written = report.write_all(args.out, rows, meta, table)

@@ -21,6 +21,8 @@ class Row:
     gbps: Optional[float] = None
     pct_roof: Optional[float] = None
     x_flashmla: Optional[float] = None  # FlashMLA's time / this time (> 1: faster than FlashMLA)
+    # the plain-PyTorch baseline's time / this time (cases.baseline_of; shown in the note)
+    x_baseline: Optional[float] = None
     flops: float = 0.0
     nbytes: float = 0.0
     roof_nbytes: float = 0.0  # the bytes "% of roof" uses (see cli's header)
