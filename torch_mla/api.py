@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from . import _dispatch
+from ._device import sm_count
 from . import indexer as _indexer
 
 Tensor = torch.Tensor
@@ -188,15 +189,9 @@ def write_kv_cache(k_cache: Tensor, kv: Tensor, slot_mapping: Tensor, layout: st
     torch.ops.mla.write_kv_cache(k_cache, kv, slot_mapping, layout)
 
 
-def _default_num_parts(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
 def _decode_schedule_args(seqlens, *, num_parts=None, block_n=64):
     if num_parts is None:
-        num_parts = _default_num_parts(seqlens.device)
+        num_parts = sm_count(seqlens.device)
     return (seqlens, int(num_parts), int(block_n))
 
 

@@ -9,12 +9,12 @@ syncs the host. The struct's field order is csrc/include/torch_mla_native.h's
 
 from __future__ import annotations
 
-import functools
 import struct
 from typing import List
 
 import torch
 
+from .._device import sm_count
 from ..meta.layouts import MODEL1, V32, alignment_reasons
 from . import _lib, register
 
@@ -40,17 +40,11 @@ def workspace_bytes(b: int, s_q: int, h_q: int, num_parts: int, has_schedule: bo
     return n
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def default_num_parts(device: torch.device, h_q: int, s_q: int) -> int:
     """Parts of the library's own schedule: one wave of CTAs (grid = head groups x s_q x parts,
     one 200 KB CTA per SM)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
     groups = (h_q + _BLOCK_M - 1) // _BLOCK_M
-    return max(1, _sm_count(idx) // (groups * max(s_q, 1)))
+    return max(1, sm_count(device) // (groups * max(s_q, 1)))
 
 
 def _cache_args(cache: torch.Tensor, layout, dummy: int):

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from ._common import DOT_F32, INTERPRET  # noqa: F401  (tests read it here)
 from . import register
+from .._device import sm_count
 from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 from ..reference.schedule import decode_schedule
 
@@ -220,18 +221,6 @@ def _decode_combine_kernel(
         tl.store(l_ptr, lse, mask=g_ok)
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 # (BLOCK_N, num_warps, num_stages) for the 512-wide value tile; None: the default below. A
 # module-level knob so that tuning runs can try others.
 CONFIG_512 = None
@@ -264,7 +253,7 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, d_v=512, sm_scale=1.0, 
     row_blocks = triton.cdiv(rows, block_h)
     if schedule_metadata is None:
         # One part per group of SMs that together hold all row blocks of a batch element.
-        parts = max(1, _sm_count(q.device) // (h_kv * row_blocks))
+        parts = max(1, sm_count(q.device) // (h_kv * row_blocks))
         schedule_metadata, num_splits = decode_schedule(cache_seqlens, parts, SCHED_BLOCK_N)
     num_parts = schedule_metadata.shape[0]
     max_splits = b + num_parts

@@ -88,6 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import sm_count
 from . import register
 from ._common import DOT_F32, INTERPRET
 from ._indexer_common import (fp8_operand, ordered_keys, pow2, quantize_rows, sort_descending)
@@ -122,12 +123,6 @@ MAX_TOPK = 8192
 def _f8(t: torch.Tensor) -> torch.Tensor:
     """FP8 inputs as float8_e4m3fn (uint8 bytes are viewed, not copied)."""
     return t if t.dtype == torch.float8_e4m3fn else t.view(torch.float8_e4m3fn)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
 
 
 def _hw_e4m3(t: torch.Tensor) -> bool:
@@ -486,7 +481,7 @@ def _paged_chunks(programs: int, device: torch.device) -> int:
     program). Shapes and the device only, never tensor values."""
     if INTERPRET:
         return 1
-    return triton.cdiv(PAGED_PROGRAMS_PER_SM * _sm_count(device), programs)
+    return triton.cdiv(PAGED_PROGRAMS_PER_SM * sm_count(device, cpu_default=1), programs)
 
 
 def indexer_logits_paged(q_fp8, cache, weights, context_lens, block_table, max_context_len):

@@ -81,7 +81,6 @@ wgmmas, as FlashMLA does), which the long-stable Triton API does not express.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import List
 
 import torch
@@ -89,6 +88,7 @@ import triton
 import triton.language as tl
 
 from ..meta.layouts import V32, alignment_reasons, layout_for_d_qk
+from .._device import sm_count
 from ..reference.schedule import decode_schedule
 from . import register
 from ._common import DOT_F32
@@ -390,11 +390,6 @@ def _block_h(h_q: int) -> int:
     return 0
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # Tuning knobs (module attributes so that a tuning script can change them).
 _TUNE = {"block_n": 64, "num_stages": 2, "ctas_per_sm": 1}
 
@@ -408,8 +403,7 @@ def _config(block_h: int):
 def _num_parts(device: torch.device, head_blocks: int) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few parts, so splits and the combine are exercised
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, _sm_count(idx) * _TUNE["ctas_per_sm"] // head_blocks)
+    return max(1, sm_count(device) * _TUNE["ctas_per_sm"] // head_blocks)
 
 
 def _key_count(length, n: int, b: int, device) -> torch.Tensor:
