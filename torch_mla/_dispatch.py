@@ -48,6 +48,16 @@ def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
+def unverified_reasons(backend: str, op: str, verified) -> List[str]:
+    """The gate every fast backend applies on the GPU: a kernel that has not passed its
+    tests/gpu/ suite on the hardware (not in ``verified``) is skipped, with this reason, unless
+    its backend is forced. It could fault or be wrong at real sizes; the next backend is safe."""
+    if op in verified or forced_backend() == backend:
+        return []
+    return [f"the {backend} {op} kernel has not passed its GPU tests yet "
+            f"(force it with torch_mla.use_backend('{backend}'))"]
+
+
 def _check_name(name: str) -> str:
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown torch_mla backend {name!r}; choose one of {BACKEND_NAMES}")

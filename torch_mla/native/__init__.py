@@ -58,9 +58,9 @@ def _supports(op: str, args: Sequence) -> List[str]:
     reasons = device_reasons(args) or list(SUPPORTS[op](*args))
     if reasons:
         return reasons
-    if op not in GPU_VERIFIED and _dispatch.forced_backend() != "native":
-        return [f"the native {op} kernel has not passed its GPU tests yet "
-                "(force it with torch_mla.use_backend('native'))"]
+    reasons = _dispatch.unverified_reasons("native", op, GPU_VERIFIED)
+    if reasons:
+        return reasons
     # Only now (an op the kernels would run) load the library, building it on first use.
     if _lib.get() is None:
         return [_lib.reason()]

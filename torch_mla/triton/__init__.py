@@ -35,10 +35,8 @@ def _supports(op: str, args: Sequence) -> List[str]:
     from ._common import device_reasons, first_tensor
 
     reasons = device_reasons(args) or list(SUPPORTS[op](*args))
-    if (not reasons and op not in GPU_VERIFIED and first_tensor(args).device.type == "cuda"
-            and _dispatch.forced_backend() != "triton"):
-        reasons = [f"the Triton {op} kernel has not passed its GPU tests yet "
-                   "(force it with torch_mla.use_backend('triton'))"]
+    if not reasons and first_tensor(args).device.type == "cuda":  # the interpreter is not gated
+        reasons = _dispatch.unverified_reasons("triton", op, GPU_VERIFIED)
     return reasons
 
 
