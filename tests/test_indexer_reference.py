@@ -13,6 +13,8 @@ import torch
 
 import torch_mla
 from torch_mla.reference import indexer as ref_indexer
+import oracles
+from oracles import E4M3, fp8_to64, hadamard64  # noqa: F401
 
 NEG_INF = float("-inf")
 
@@ -21,52 +23,17 @@ NEG_INF = float("-inf")
 # independent helpers
 # ---------------------------------------------------------------------------------------------
 
-def hadamard64(d):
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+def encode_e4m3(v):
+    """The quantizer's codes: a value that rounds to zero is stored as +0."""
+    return oracles.encode_e4m3(v, zero_sign=False)
+
+
+topk_by_full_sort = oracles.topk_by_sort
 
 
 def rotate64(x):
     d = x.shape[-1]
     return x.double() @ hadamard64(d) / d ** 0.5
-
-
-def _e4m3_values():
-    vals = np.empty(256)
-    for c in range(256):
-        sign = -1.0 if c & 0x80 else 1.0
-        e, m = (c >> 3) & 0xF, c & 0x7
-        if e == 0xF and m == 0x7:
-            vals[c] = np.nan
-        elif e == 0:
-            vals[c] = sign * m / 8.0 * 2.0 ** -6
-        else:
-            vals[c] = sign * (1 + m / 8.0) * 2.0 ** (e - 7)
-    return vals
-
-
-E4M3 = _e4m3_values()
-POS = E4M3[:127]  # codes 0x00..0x7E, increasing, 0 .. 448
-
-
-def encode_e4m3(v):
-    """Round-to-nearest-even e4m3 codes of float64 values, |v| <= 448."""
-    v = np.asarray(v, dtype=np.float64)
-    a = np.abs(v)
-    assert np.all(a <= 448.0)
-    hi = np.clip(np.searchsorted(POS, a, side="left"), 1, 126)
-    lo = hi - 1
-    d_lo, d_hi = a - POS[lo], POS[hi] - a
-    code = np.where(d_lo < d_hi, lo, hi)
-    code = np.where(d_lo == d_hi, np.where(lo % 2 == 0, lo, hi), code)
-    code = np.where(a == 0, 0, code)
-    return (code | np.where(np.signbit(v) & (a > 0), 0x80, 0)).astype(np.uint8)
-
-
-def fp8_to64(t):
-    return torch.from_numpy(E4M3[t.view(torch.uint8).numpy().astype(np.int64)])
 
 
 def quantize_inputs(x, hadamard=True):
@@ -350,23 +317,6 @@ def test_paged_logits_agree_with_ragged_logits_on_the_same_keys():
 # ---------------------------------------------------------------------------------------------
 # indexer_topk
 # ---------------------------------------------------------------------------------------------
-
-def topk_by_full_sort(logits, k, k_start=None, k_end=None):
-    s_q, s_k = logits.shape
-    cols = torch.arange(s_k)
-    valid = torch.isfinite(logits)
-    if k_start is not None:
-        valid &= cols >= k_start[:, None].long()
-    if k_end is not None:
-        valid &= cols < k_end[:, None].long()
-    masked = torch.where(valid, logits.double(), NEG_INF)
-    # stable descending sort: equal logits (also -0.0 vs +0.0) keep ascending positions
-    vals, order = torch.sort(masked, dim=-1, descending=True, stable=True)
-    out = torch.full((s_q, k), -1, dtype=torch.int32)
-    kk = min(k, s_k)
-    out[:, :kk] = torch.where(torch.isinf(vals[:, :kk]), -1, order[:, :kk]).int()
-    return out
-
 
 def test_topk_ties_specials_and_windows():
     logits = torch.tensor([

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import torch_mla
+from oracles import E4M3, POS, encode_e4m3  # noqa: F401
 from torch_mla.meta.layouts import MODEL1, V32
 
 LAYOUTS = {"v32": V32, "model1": MODEL1}
@@ -22,39 +23,6 @@ BLOCK_SIZES = (2, 61, 64, 576)
 # ---------------------------------------------------------------------------------------------
 # independent FP8 helpers (numpy, float64)
 # ---------------------------------------------------------------------------------------------
-
-def _e4m3_table():
-    vals = np.empty(256)
-    for c in range(256):
-        sign = -1.0 if c & 0x80 else 1.0
-        e, m = (c >> 3) & 0xF, c & 0x7
-        if e == 0xF and m == 0x7:
-            vals[c] = np.nan
-        elif e == 0:
-            vals[c] = sign * (m / 8.0) * 2.0 ** -6
-        else:
-            vals[c] = sign * (1.0 + m / 8.0) * 2.0 ** (e - 7)
-    return vals
-
-
-E4M3 = _e4m3_table()
-POS = E4M3[:127]  # codes 0x00..0x7E: increasing non-negative finite values, 0 .. 448
-
-
-def encode_e4m3(v):
-    """Round-to-nearest-even e4m3 codes of float64 values with |v| <= 448."""
-    v = np.asarray(v, dtype=np.float64)
-    a = np.abs(v)
-    assert np.all(a <= 448.0)
-    hi = np.clip(np.searchsorted(POS, a, side="left"), 1, 126)
-    lo = hi - 1
-    d_lo, d_hi = a - POS[lo], POS[hi] - a
-    code = np.where(d_lo < d_hi, lo, hi)
-    tie = d_lo == d_hi
-    code = np.where(tie, np.where(lo % 2 == 0, lo, hi), code)  # even mantissa on ties
-    code = np.where(a == 0, 0, code)
-    return (code | np.where(np.signbit(v), 0x80, 0)).astype(np.uint8)
-
 
 def scale_exponent(amax):
     """e with 2**e = 2 ** ceil(log2(max(amax / 448, 1e-4))), exactly (frexp, no log2)."""

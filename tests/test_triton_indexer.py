@@ -27,6 +27,7 @@ import triton.language as tl  # noqa: E402
 
 from torch_mla.triton import indexer as tri_indexer  # noqa: E402
 from torch_mla.triton._indexer_common import e4m3_encode  # noqa: E402
+from oracles import E4M3, POS, encode_e4m3, fp8_to64, hadamard64, topk_by_sort  # noqa: F401
 
 NEG_INF = float("-inf")
 
@@ -50,47 +51,9 @@ def both(fn, *args, **kwargs):
 # independent float64 helpers
 # ---------------------------------------------------------------------------------------------
 
-def hadamard64(d):
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-def _e4m3_table():
-    vals = np.empty(256)
-    for c in range(256):
-        sign = -1.0 if c & 0x80 else 1.0
-        e, m = (c >> 3) & 0xF, c & 0x7
-        if e == 0xF and m == 0x7:
-            vals[c] = np.nan
-        elif e == 0:
-            vals[c] = sign * m * 2.0 ** -9
-        else:
-            vals[c] = sign * (1 + m / 8.0) * 2.0 ** (e - 7)
-    return vals
-
-
-E4M3 = _e4m3_table()
-POS = E4M3[:127]  # codes 0x00..0x7E: 0 .. 448, increasing
-
-
 def encode64(v):
-    """Round-to-nearest-even e4m3 codes of float64 values |v| <= 448 (the sign bit kept, also
-    on zeros and values that round to zero, as a float conversion does)."""
-    v = np.asarray(v, dtype=np.float64)
-    a = np.abs(v)
-    hi = np.clip(np.searchsorted(POS, a, side="left"), 1, 126)
-    lo = hi - 1
-    d_lo, d_hi = a - POS[lo], POS[hi] - a
-    code = np.where(d_lo < d_hi, lo, hi)
-    code = np.where(d_lo == d_hi, np.where(lo % 2 == 0, lo, hi), code)
-    code = np.where(a == 0, 0, code)
-    return (code | np.where(np.signbit(v), 0x80, 0)).astype(np.int64)
-
-
-def fp8_to64(t):
-    return torch.from_numpy(E4M3[t.view(torch.uint8).numpy().astype(np.int64)])
+    """e4m3 codes (int64) of float64 values, the sign bit kept as a float conversion keeps it."""
+    return encode_e4m3(v).astype(np.int64)
 
 
 def codes(t):
@@ -405,22 +368,6 @@ def test_paged_logits_deepseek_head_shape_match_ragged(gen):
 # ---------------------------------------------------------------------------------------------
 # indexer_topk
 # ---------------------------------------------------------------------------------------------
-
-def topk_by_sort(logits, k, k_start=None, k_end=None):
-    s_q, s_k = logits.shape
-    cols = torch.arange(s_k)
-    valid = torch.isfinite(logits)
-    if k_start is not None:
-        valid &= cols >= k_start[:, None].long()
-    if k_end is not None:
-        valid &= cols < k_end[:, None].long()
-    masked = torch.where(valid, logits.double(), NEG_INF)
-    vals, order = torch.sort(masked, dim=-1, descending=True, stable=True)
-    out = torch.full((s_q, k), -1, dtype=torch.int32)
-    kk = min(k, s_k)
-    out[:, :kk] = torch.where(torch.isinf(vals[:, :kk]), -1, order[:, :kk]).int()
-    return out
-
 
 def test_topk_ties_specials_windows():
     logits = torch.tensor([
