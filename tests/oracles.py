@@ -73,3 +73,50 @@ def topk_by_sort(logits, k, k_start=None, k_end=None):
     kk = min(k, s_k)
     out[:, :kk] = torch.where(torch.isinf(vals[:, :kk]), -1, order[:, :kk]).int()
     return out
+
+
+def dense_decode64(q, k_cache, block_table, cache_seqlens, d_v, sm_scale, causal):
+    """float64 out [b, s_q, h_q, d_v], lse [b, h_q, s_q] of paged dense decoding, query by query;
+    +inf / 0 where a query sees no key (causal: query j of s_q sees keys < n - s_q + j + 1)."""
+    q, k_cache = q.double().cpu(), k_cache.double().cpu()
+    b, s_q, h_q, _ = q.shape
+    _, bs, h_kv, _ = k_cache.shape
+    g = h_q // h_kv
+    out = torch.zeros(b, s_q, h_q, d_v, dtype=torch.float64)
+    lse = torch.full((b, h_q, s_q), float("inf"), dtype=torch.float64)
+    table = block_table.tolist()
+    for i, n in enumerate(cache_seqlens.tolist()):
+        for j in range(s_q):
+            limit = n - s_q + j + 1 if causal else n
+            if limit <= 0:
+                continue
+            keys = torch.stack([k_cache[table[i][t // bs], t % bs] for t in range(limit)])
+            for h in range(h_q):
+                kh = keys[:, h // g]  # [limit, d_qk]
+                s = (kh @ q[i, j, h]) * sm_scale
+                lse[i, h, j] = torch.logsumexp(s, 0)
+                out[i, j, h] = torch.softmax(s, 0) @ kh[:, :d_v]
+    return out, lse
+
+
+def paged_dense_inputs(seqlens, s_q, h_q, h_kv, block_size, d_qk, dtype, gen, junk=-1,
+                       extra_blocks=2):
+    """A NaN-poisoned paged cache holding each sequence in a shuffled set of blocks: every slot
+    not part of a sequence (tail of a last block, unused blocks) is NaN, block-table entries past a
+    sequence's end are ``junk`` (-1 or an out-of-range id). Returns q, k_cache, block_table,
+    cache_seqlens (CPU)."""
+    b = len(seqlens)
+    need = [-(-n // block_size) for n in seqlens]
+    max_blocks = max(need + [1]) + 1  # one spare column, always junk
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    k_cache = torch.full((num_blocks, block_size, h_kv, d_qk), float("nan"), dtype=dtype)
+    block_table = torch.full((b, max_blocks), junk, dtype=torch.int32)
+    for i, n in enumerate(seqlens):
+        for c in range(need[i]):
+            blk = perm.pop()
+            block_table[i, c] = blk
+            rows = min(block_size, n - c * block_size)
+            k_cache[blk, :rows] = torch.randn(rows, h_kv, d_qk, generator=gen).to(dtype)
+    q = torch.randn(b, s_q, h_q, d_qk, generator=gen).to(dtype)
+    return q, k_cache, block_table, torch.tensor(seqlens, dtype=torch.int32)

@@ -13,55 +13,18 @@ import pytest
 import torch
 
 import torch_mla
+from oracles import dense_decode64, paged_dense_inputs
 
 REF = importlib.import_module("torch_mla.reference.dense_decode")
 
 
-def formula(q, k_cache, block_table, cache_seqlens, d_v, sm_scale, causal):
-    """float64 out [b, s_q, h_q, d_v], lse [b, h_q, s_q] computed query by query."""
-    b, s_q, h_q, _ = q.shape
-    _, bs, h_kv, _ = k_cache.shape
-    g = h_q // h_kv
-    out = torch.zeros(b, s_q, h_q, d_v, dtype=torch.float64)
-    lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float64)
-    table = block_table.tolist()
-    for i in range(b):
-        n = int(cache_seqlens[i])
-        for j in range(s_q):
-            limit = n - s_q + j + 1 if causal else n
-            if limit <= 0:
-                continue
-            keys = torch.stack([k_cache[table[i][t // bs], t % bs] for t in range(limit)])
-            keys = keys.double()  # [limit, h_kv, d_qk]
-            for h in range(h_q):
-                kh = keys[:, h // g]  # [limit, d_qk]
-                s = (kh @ q[i, j, h].double()) * sm_scale
-                lse[i, h, j] = torch.logsumexp(s, 0)
-                out[i, j, h] = torch.softmax(s, 0) @ kh[:, :d_v]
-    return out, lse
+formula = dense_decode64
 
 
 def make_inputs(seqlens, s_q, h_q, h_kv, block_size, d_qk, d_v, dtype, gen, junk=-1,
                 extra_blocks=2):
-    """A NaN-poisoned paged cache holding each sequence in a shuffled set of blocks.
-
-    Every slot that is not part of a sequence (tail of a last block, unused blocks) is NaN, and
-    block-table entries past a sequence's end are ``junk`` (-1 or an out-of-range id)."""
-    b = len(seqlens)
-    need = [-(-n // block_size) for n in seqlens]
-    max_blocks = max(need + [1]) + 1  # one spare column, always junk
-    num_blocks = sum(need) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    k_cache = torch.full((num_blocks, block_size, h_kv, d_qk), math.nan, dtype=dtype)
-    block_table = torch.full((b, max_blocks), junk, dtype=torch.int32)
-    for i, n in enumerate(seqlens):
-        for c in range(need[i]):
-            blk = perm.pop()
-            block_table[i, c] = blk
-            rows = min(block_size, n - c * block_size)
-            k_cache[blk, :rows] = torch.randn(rows, h_kv, d_qk, generator=gen).to(dtype)
-    q = torch.randn(b, s_q, h_q, d_qk, generator=gen).to(dtype)
-    return q, k_cache, block_table, torch.tensor(seqlens, dtype=torch.int32)
+    return paged_dense_inputs(seqlens, s_q, h_q, h_kv, block_size, d_qk, dtype, gen, junk,
+                              extra_blocks)
 
 
 def check(q, k_cache, block_table, cache_seqlens, d_v, causal, atol, rtol, sm_scale=None):

@@ -5,12 +5,12 @@ shares nothing with the kernel's tiling, split-KV schedule or masks. Caches are 
 a sequence does not own a slot, and block-table entries past a sequence are -1 or out of range.
 """
 
-import math
 
 import pytest
 import torch
 
 import torch_mla
+from oracles import dense_decode64, paged_dense_inputs
 from torch_mla.triton import dense_decode as TD
 
 pytestmark = pytest.mark.skipif(not TD.INTERPRET and not torch.cuda.is_available(),
@@ -19,49 +19,13 @@ pytestmark = pytest.mark.skipif(not TD.INTERPRET and not torch.cuda.is_available
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def formula(q, k_cache, block_table, seqlens, d_v, scale, causal):
-    """float64 out [b, s_q, h_q, d_v], lse [b, h_q, s_q]; +inf / 0 where a query has no key."""
-    q, k_cache = q.double().cpu(), k_cache.double().cpu()
-    b, s_q, h_q, _ = q.shape
-    bs, h_kv = k_cache.shape[1], k_cache.shape[2]
-    g = h_q // h_kv
-    out = torch.zeros(b, s_q, h_q, d_v, dtype=torch.float64)
-    lse = torch.full((b, h_q, s_q), math.inf, dtype=torch.float64)
-    table = block_table.tolist()
-    for i, n in enumerate(seqlens.tolist()):
-        if n <= 0:
-            continue
-        keys = torch.stack([k_cache[table[i][t // bs], t % bs] for t in range(n)])
-        for j in range(s_q):
-            lim = n - s_q + j + 1 if causal else n
-            if lim <= 0:
-                continue
-            for h in range(h_q):
-                kh = keys[:lim, h // g]
-                s = kh @ q[i, j, h] * scale
-                lse[i, h, j] = torch.logsumexp(s, 0)
-                out[i, j, h] = torch.softmax(s, 0) @ kh[:, :d_v]
-    return out, lse
+formula = dense_decode64
 
 
 def make(seqlens, s_q, h_q, h_kv, bs, d_qk, dtype=torch.bfloat16, junk=-1, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    b = len(seqlens)
-    need = [-(-n // bs) for n in seqlens]
-    max_blocks = max(need + [1]) + 1
-    num_blocks = sum(need) + 2
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    cache = torch.full((num_blocks, bs, h_kv, d_qk), math.nan, dtype=dtype)
-    table = torch.full((b, max_blocks), junk, dtype=torch.int32)
-    for i, n in enumerate(seqlens):
-        for c in range(need[i]):
-            blk = perm.pop()
-            table[i, c] = blk
-            rows = min(bs, n - c * bs)
-            cache[blk, :rows] = torch.randn(rows, h_kv, d_qk, generator=gen).to(dtype)
-    q = torch.randn(b, s_q, h_q, d_qk, generator=gen).to(dtype)
-    return (q.to(DEV), cache.to(DEV), table.to(DEV),
-            torch.tensor(seqlens, dtype=torch.int32, device=DEV))
+    q, cache, table, lens = paged_dense_inputs(seqlens, s_q, h_q, h_kv, bs, d_qk, dtype, gen, junk)
+    return q.to(DEV), cache.to(DEV), table.to(DEV), lens.to(DEV)
 
 
 def run_check(q, cache, table, seqlens, d_v, causal, schedule=None, tol=2e-2):
