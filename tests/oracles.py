@@ -120,3 +120,20 @@ def paged_dense_inputs(seqlens, s_q, h_q, h_kv, block_size, d_qk, dtype, gen, ju
             k_cache[blk, :rows] = torch.randn(rows, h_kv, d_qk, generator=gen).to(dtype)
     q = torch.randn(b, s_q, h_q, d_qk, generator=gen).to(dtype)
     return q, k_cache, block_table, torch.tensor(seqlens, dtype=torch.int32)
+
+
+def bit_mismatches(got, want, limit=8, **context):
+    """A failure message for two tensors that should hold the same bits: how many elements
+    differ, and the first ``limit`` of them (flat index, both bit patterns and values, and the
+    same element of each ``context`` tensor of the same shape, e.g. the input)."""
+    g, w = got.contiguous().flatten(), want.contiguous().flatten()
+    ibits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[g.element_size()]
+    gb, wb = g.view(ibits), w.view(ibits)
+    bad = (gb != wb).nonzero().flatten()
+    lines = [f"{bad.numel()} of {g.numel()} elements differ"]
+    ctx = {k: v.contiguous().flatten() for k, v in context.items()}
+    for i in bad[:limit].tolist():
+        extra = " ".join(f"{k}={v[i].item()!r}" for k, v in ctx.items())
+        lines.append(f"  [{i}] got {gb[i].item():#x} ({g[i].float().item()!r}) want "
+                     f"{wb[i].item():#x} ({w[i].float().item()!r}) {extra}")
+    return "\n".join(lines)

@@ -16,6 +16,8 @@ import torch
 
 import torch_mla
 
+from oracles import bit_mismatches
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytest.importorskip("triton")
 
@@ -62,8 +64,20 @@ def test_quantize_bytes_production(fmt, hadamard):
     x = x.to(torch.bfloat16)
     (q8, scale), (q8_ref, scale_ref) = both(torch_mla.indexer_quantize, x, hadamard=hadamard,
                                            scale_format=fmt)
-    assert torch.equal(q8.view(torch.uint8), q8_ref.view(torch.uint8))
-    assert torch.equal(scale.view(torch.int32), scale_ref.view(torch.int32))
+    # the reference on the CPU is the oracle: the CUDA reference must give its bytes too
+    with torch_mla.use_backend("reference"):
+        q8_cpu, scale_cpu = torch_mla.indexer_quantize(x.cpu(), hadamard=hadamard,
+                                                       scale_format=fmt)
+    assert torch.equal(scale_ref.cpu().view(torch.int32), scale_cpu.view(torch.int32)), (
+        "reference: CUDA vs CPU scales\n" + bit_mismatches(scale_ref.cpu(), scale_cpu))
+    assert torch.equal(q8_ref.cpu().view(torch.uint8), q8_cpu.view(torch.uint8)), (
+        "reference: CUDA vs CPU codes\n" + bit_mismatches(q8_ref.cpu(), q8_cpu, x=x.cpu().float()))
+    # the row's scale beside each element, to tell a wrong scale from a wrong rounding
+    row_scale = scale_ref.view(scale_ref.shape + (1,)).expand(q8_ref.shape)
+    assert torch.equal(scale.view(torch.int32), scale_ref.view(torch.int32)), (
+        bit_mismatches(scale, scale_ref))
+    assert torch.equal(q8.view(torch.uint8), q8_ref.view(torch.uint8)), bit_mismatches(
+        q8, q8_ref, x=x.float(), scale=row_scale)
 
 
 @pytest.mark.parametrize("d,dtype", [(32, torch.float32), (256, torch.float16),

@@ -12,6 +12,8 @@ import torch_mla
 from torch_mla.meta.layouts import MODEL1, V32
 from torch_mla.reference import kv_cache as ref_kv
 
+from oracles import bit_mismatches
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 LAYOUTS = {"v32": V32, "model1": MODEL1}
@@ -91,9 +93,15 @@ def test_dequantize_random_bytes(layout, dtype):
     before = flat.clone()
     got = _triton(torch_mla.dequantize_kv_cache, cache, layout)
     want = ref_kv.dequantize_kv_cache(cache, layout)
+    # the reference on the CPU is the oracle; the CUDA reference must agree with it too
+    want_cpu = ref_kv.dequantize_kv_cache(cache.cpu(), layout).to(DEV)
     gn, wn = torch.isnan(got.float()), torch.isnan(want.float())
-    assert torch.equal(gn, wn)
-    assert torch.equal(got.view(torch.int16)[~gn], want.view(torch.int16)[~wn])
+    assert torch.equal(torch.isnan(want_cpu.float()), wn), "reference: CUDA vs CPU NaN pattern"
+    assert torch.equal(want[~wn].view(torch.int16), want_cpu[~wn].view(torch.int16)), (
+        "reference: CUDA vs CPU\n" + bit_mismatches(want[~wn], want_cpu[~wn]))
+    assert torch.equal(gn, wn), f"NaN pattern: {(gn != wn).sum().item()} elements differ"
+    assert torch.equal(got.view(torch.int16)[~gn], want.view(torch.int16)[~wn]), (
+        bit_mismatches(got[~gn], want[~wn]))
     assert torch.equal(flat, before)
 
 

@@ -48,12 +48,18 @@ def hadamard_rows(x, R: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     become (x_i + x_{i+h}, x_i - x_{i+h}). Each stage views a row as [D / 2h, 2, h], moves the
     pair axis last, splits it, and joins the sums and differences back in place."""
     for st in tl.static_range(LOG2D):
-        HH: tl.constexpr = D >> (st + 1)
-        x4 = tl.permute(tl.reshape(x, [R, D // (2 * HH), 2, HH]), 0, 1, 3, 2)
-        a, b = tl.split(x4)
-        y = tl.permute(tl.join(a + b, a - b), 0, 1, 3, 2)
-        x = tl.reshape(y, [R, D])
+        x = _hadamard_stage(x, R, D, st)
     return x
+
+
+@triton.jit
+def _hadamard_stage(x, R: tl.constexpr, D: tl.constexpr, ST: tl.constexpr):
+    # A function per stage: Triton 3.6 refuses a constexpr assigned again in an unrolled loop.
+    HH: tl.constexpr = D >> (ST + 1)
+    x4 = tl.permute(tl.reshape(x, [R, D // (2 * HH), 2, HH]), 0, 1, 3, 2)
+    a, b = tl.split(x4)
+    y = tl.permute(tl.join(a + b, a - b), 0, 1, 3, 2)
+    return tl.reshape(y, [R, D])
 
 
 @triton.jit
@@ -112,14 +118,20 @@ def sort_descending(x, N: tl.constexpr, LOG_N: tl.constexpr):
     element index (descending where it is 0, so the last merge, kk = LOG_N, is descending)."""
     for kk in tl.static_range(1, LOG_N + 1):
         for t in tl.static_range(kk):
-            JJ: tl.constexpr = kk - 1 - t
-            O: tl.constexpr = N >> (JJ + 1)
-            J: tl.constexpr = 1 << JJ
-            a, b = tl.split(tl.permute(tl.reshape(x, [O, 2, J]), 0, 2, 1))
-            o = tl.arange(0, O)[:, None]
-            down = ((o >> (kk - JJ - 1)) & 1) == 0
-            hi = tl.maximum(a, b)
-            lo = tl.minimum(a, b)
-            x = tl.reshape(tl.permute(tl.join(tl.where(down, hi, lo), tl.where(down, lo, hi)),
-                                      0, 2, 1), [N])
+            x = _bitonic_stage(x, N, kk, t)
     return x
+
+
+@triton.jit
+def _bitonic_stage(x, N: tl.constexpr, KK: tl.constexpr, T: tl.constexpr):
+    # A function per stage: Triton 3.6 refuses a constexpr assigned again in an unrolled loop.
+    JJ: tl.constexpr = KK - 1 - T
+    O: tl.constexpr = N >> (JJ + 1)
+    J: tl.constexpr = 1 << JJ
+    a, b = tl.split(tl.permute(tl.reshape(x, [O, 2, J]), 0, 2, 1))
+    o = tl.arange(0, O)[:, None]
+    down = ((o >> (KK - JJ - 1)) & 1) == 0
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.reshape(tl.permute(tl.join(tl.where(down, hi, lo), tl.where(down, lo, hi)),
+                                 0, 2, 1), [N])

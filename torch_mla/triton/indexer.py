@@ -574,6 +574,16 @@ def _pick_digit(hist, need):
 
 
 @triton.jit
+def _refine_digit(row_ptr, lo, hi, prefix, pmask, need, I: tl.constexpr, BLOCK: tl.constexpr):
+    """Radix step I (1..3): the next byte of the k-th largest key below the ``prefix`` found so
+    far. A function per step: Triton 3.6 refuses a constexpr assigned again in an unrolled loop."""
+    SHIFT: tl.constexpr = 24 - 8 * I
+    hist = _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT, BLOCK)
+    b, above = _pick_digit(hist, need)
+    return (need - above, prefix | (b << SHIFT), pmask | (tl.full([], 255, tl.int32) << SHIFT))
+
+
+@triton.jit
 def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_out,
                  HAS_START: tl.constexpr, HAS_END: tl.constexpr, BLOCK: tl.constexpr,
                  K_P2: tl.constexpr, LOG_K: tl.constexpr):
@@ -602,12 +612,7 @@ def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_ou
         prefix = (b ^ 0x80) << 24
         pmask = tl.full([], 255, tl.int32) << 24
         for i in tl.static_range(1, 4):
-            SHIFT: tl.constexpr = 24 - 8 * i
-            hist = _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT, BLOCK)
-            b, above = _pick_digit(hist, need)
-            need = need - above
-            prefix = prefix | (b << SHIFT)
-            pmask = pmask | (tl.full([], 255, tl.int32) << SHIFT)
+            need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, i, BLOCK)
         thr = prefix  # the exact key of the k_sel-th largest entry
         need_eq = need  # how many entries equal to it are selected (the first by position)
 

@@ -1,0 +1,99 @@
+"""Which Triton sparse_prefill launch faults on the GPU, and where: each variant runs in its own
+process (a fault leaves a sticky CUDA error), synchronised after the call, then compared with the
+reference. `--sanitize` runs one variant at a reduced shape under compute-sanitizer memcheck.
+
+    python tools/diag_sparse_prefill.py                 # all variants, one process each
+    python tools/diag_sparse_prefill.py --variant bwd   # one, in this process
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+VARIANTS = {
+    # name: (forward?, module settings)
+    "fwd": (True, {}),
+    "fwd_noprefetch": (True, {"PREFETCH_IDX": False}),
+    "bwd": (False, {}),
+    "bwd_nosink_nolen": (False, {}),
+    "bwd_split": (False, {"BWD_SPLIT": True}),
+    "bwd_not_transposed_small": (False, {"BWD_DK_TRANSPOSED": False}),
+}
+
+
+def run_one(name, small):
+    import torch
+    import torch_mla
+    from torch_mla.triton import sparse_prefill as sp
+
+    fwd, settings = VARIANTS[name]
+    for k, v in settings.items():
+        setattr(sp, k, v)
+    torch.manual_seed(0)
+    dev = "cuda"
+    s_q, h_q, d_qk, d_v, s_kv, topk = (8, 64, 576, 512, 1024, 256) if small else (
+        192, 128, 576, 512, 8192, 2048)
+    if name == "bwd_not_transposed_small":
+        h_q = 16
+    q = torch.randn(s_q, h_q, d_qk, device=dev).bfloat16()
+    kv = torch.randn(s_kv, 1, d_qk, device=dev).bfloat16()
+    idx = torch.randint(0, s_kv, (s_q, 1, topk), device=dev, dtype=torch.int32)
+    bad = torch.rand(idx.shape, device=dev) < 0.1
+    idx = torch.where(bad, torch.where(torch.rand(idx.shape, device=dev) < 0.5,
+                                       torch.full_like(idx, -1), torch.full_like(idx, s_kv + 5)),
+                      idx)
+    plain = name == "bwd_nosink_nolen"
+    sink = None if plain else torch.randn(h_q, device=dev)
+    lens = None if plain else torch.randint(0, topk + 1, (s_q,), device=dev, dtype=torch.int32)
+    scale = d_qk ** -0.5
+    args = (q, kv, idx, scale, d_v, sink, lens)
+    with torch_mla.use_backend("reference"):
+        exp = torch.ops.mla.sparse_prefill(*args)
+    torch.cuda.synchronize()
+    if fwd:
+        with torch_mla.use_backend("triton"):
+            got = torch.ops.mla.sparse_prefill(*args)
+        torch.cuda.synchronize()
+        err = ((got[0].float() - exp[0].float()).norm() / exp[0].float().norm()).item()
+        print(f"{name}: OK, out rel err {err:.2e}", flush=True)
+        return
+    dout, dlse = torch.randn_like(exp[0]), torch.randn_like(exp[2])
+    bargs = (dout, dlse, q, kv, idx, exp[0], exp[2], scale, d_v, sink, lens)
+    with torch_mla.use_backend("reference"):
+        gexp = torch.ops.mla.sparse_prefill_backward(*bargs)
+    torch.cuda.synchronize()
+    with torch_mla.use_backend("triton"):
+        ggot = torch.ops.mla.sparse_prefill_backward(*bargs)
+    torch.cuda.synchronize()
+    errs = [((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+            for a, b in zip(ggot, gexp)]
+    print(f"{name}: OK, dq/dkv/dsink rel err " + " ".join(f"{e:.2e}" for e in errs), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--sanitize", help="variant to run under compute-sanitizer (reduced shape)")
+    a = ap.parse_args()
+    if a.variant:
+        run_one(a.variant, a.small)
+        return
+    if a.sanitize:
+        cmd = ["compute-sanitizer", "--tool", "memcheck", "--show-backtrace", "device",
+               "--print-limit", "5", sys.executable, __file__, "--variant", a.sanitize, "--small"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+        print((r.stdout + r.stderr)[-6000:], flush=True)
+        return
+    for name in VARIANTS:
+        r = subprocess.run([sys.executable, __file__, "--variant", name], capture_output=True,
+                           text=True, timeout=300, env=os.environ)
+        tail = (r.stdout + r.stderr).strip().splitlines()
+        print(f"[rc {r.returncode}] " + (tail[-1] if tail else "(no output)"), flush=True)
+        if r.returncode:
+            print("\n".join(tail[-6:]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
