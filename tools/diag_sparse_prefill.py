@@ -81,8 +81,10 @@ def main():
         run_one(a.variant, a.small)
         return
     if a.sanitize:
+        kern = "_fwd_kernel" if VARIANTS[a.sanitize][0] else "_bwd_kernel"
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--show-backtrace", "device",
-               "--print-limit", "5", sys.executable, __file__, "--variant", a.sanitize, "--small"]
+               "--kernel-name", f"kns={kern}", "--print-limit", "5", sys.executable, __file__,
+               "--variant", a.sanitize, "--small"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
         print((r.stdout + r.stderr)[-6000:], flush=True)
         return
