@@ -64,3 +64,16 @@ def check_schedule(schedule_metadata, num_splits, b, q) -> None:
     check_dtype("num_splits", num_splits, (torch.int32,))
     check_shape("num_splits", num_splits, (b + 1,), "[b + 1] (the schedule was made for another batch)")
     check_device("num_splits", num_splits, "q", q)
+
+
+def schedule_valid_eager(schedule_metadata, num_splits, b, dev) -> bool:
+    """True only if ``check_schedule(schedule_metadata, num_splits, b, q)`` passes for a q on
+    ``dev`` (concrete inputs; False: run the checks for the error)."""
+    if schedule_metadata is None:
+        return num_splits is None
+    if num_splits is None:
+        return False
+    ms = schedule_metadata.shape
+    return (len(ms) == 2 and ms[1] == SCHEDULE_WIDTH and schedule_metadata.dtype is torch.int32
+            and schedule_metadata.device == dev and num_splits.shape == (b + 1,)
+            and num_splits.dtype is torch.int32 and num_splits.device == dev)
