@@ -35,7 +35,10 @@ class Backend:
         """Why this backend does not run ``op`` on ``args`` (empty: it does)."""
         if op not in self.impls:
             return [f"{self.name} has no kernel for {op}"]
-        return list(self._supports(op, args)) if self._supports else []
+        if self._supports is None:
+            return []
+        reasons = self._supports(op, args)
+        return list(reasons) if reasons else []
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -112,14 +115,21 @@ def _report(op: str, args: Sequence):
 
 
 def select(op: str, args: Sequence) -> Backend:
+    # The common case without building the report: the forced backend, or the device's order,
+    # asked in turn; on refusal the report below says why every candidate declined.
+    forced = forced_backend()
+    names = (forced,) if forced is not None else ORDER.get(_device(args).type, DEFAULT_ORDER)
+    for name in names:
+        backend = _BACKENDS.get(name)
+        if backend is not None and not backend.reasons(op, args):
+            return backend
     rows = _report(op, args)
     name, reasons = rows[-1]
     if reasons:
         detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rows)
-        forced = forced_backend()
         prefix = f"backend {forced!r} was forced and " if forced else "no backend "
         raise RuntimeError(f"torch_mla: {prefix}cannot run mla::{op} here ({detail})")
-    return _BACKENDS[name]
+    return _BACKENDS[name]  # pragma: no cover - a backend changed its mind between two asks
 
 
 def explain_args(op: str, args: Sequence) -> str:
@@ -148,7 +158,11 @@ def _entry(op: str):
     return kernel
 
 
+# op name -> the CPU/CUDA kernel of mla::<op> (contract check, backend choice, implementation):
+# what torch.ops.mla.<op> runs on real CPU/CUDA tensors.
+ENTRIES: Dict[str, Callable] = {op: _entry(op) for op in meta.OPS}
+
 _IMPL_LIB = torch.library.Library("mla", "IMPL")  # noqa: TOR901 - kernels of our own namespace
 for _op in meta.OPS:
-    _IMPL_LIB.impl(_op, _entry(_op), "CPU")
-    _IMPL_LIB.impl(_op, _entry(_op), "CUDA")
+    _IMPL_LIB.impl(_op, ENTRIES[_op], "CPU")
+    _IMPL_LIB.impl(_op, ENTRIES[_op], "CUDA")
