@@ -11,6 +11,7 @@ elementwise math on 16-bit values in fp32.)
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Sequence
 
 import torch
@@ -28,9 +29,118 @@ def first_tensor(args: Sequence) -> torch.Tensor:
 
 def device_reasons(args: Sequence) -> List[str]:
     """Why Triton cannot run on the device of these arguments (empty: it can)."""
-    dev = first_tensor(args).device
-    if dev.type == "cuda":
+    t = first_tensor(args)
+    if t.is_cuda:  # every call on a GPU: no device object or type string made
         return []
+    dev = t.device
     if dev.type == "cpu":
         return [] if INTERPRET else ["CPU tensors run Triton kernels only under TRITON_INTERPRET=1"]
     return [f"Triton runs on CUDA devices, not {dev.type}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# launches
+# ---------------------------------------------------------------------------------------------
+#
+# ``kernel[grid](*args, **kw)`` costs ~15-30 us of host time per launch in Triton 3.9 (measured
+# by tools/host_overhead.py on the CPU: the generated binder specializes every argument, then a
+# cache key is built, knobs read, hooks checked, and only then the C launcher runs), as much as
+# all the rest of a decode call. ``launch`` keeps, per kernel and per *exact* launch signature,
+# the compiled kernel that call returned, and launches it again directly
+# (``compiled[grid](*all arguments)``, what JITFunction.run itself ends with) when the same
+# signature comes back. The signature is finer than Triton's specialization key, so the kernel
+# it finds is the one Triton would have chosen: every int argument by value (Triton specializes
+# ints on == 1 and % 16), every other non-tensor argument by type and value, floats by type
+# (not specialized), tensors by dtype and, all together, by being 16-byte aligned (Triton's
+# pointer specialization; any unaligned pointer sends the call through Triton), the device of
+# the first tensor (callers make it the current device, whose kernel cache Triton would use),
+# and every keyword (constexprs and options) by value. Not seen: Triton knobs changed after a
+# signature's first launch (TRITON_DEBUG and the like), and JITFunction pre-run hooks (none of
+# ours has any). If a direct launch fails the first time it is tried (another Triton's calling
+# convention), direct launches stop for the process, with one warning, and every launch goes
+# through ``kernel[grid]`` as before. TORCH_MLA_TRITON_DIRECT_LAUNCH=0 turns them off.
+
+DIRECT_LAUNCH = os.environ.get("TORCH_MLA_TRITON_DIRECT_LAUNCH", "1") != "0"
+_MAX_SIGNATURES = 512
+# signature -> [compiled kernel, constexpr values in parameter order, direct launch has worked]
+_compiled: dict = {}
+
+
+def cuda_index(t: torch.Tensor):
+    """The CUDA device index of ``t``, None if it is not on a CUDA device (then launches go
+    through Triton). A seam: tools/host_overhead.py makes CPU tensors count as device 0."""
+    return t.get_device() if t.is_cuda else None
+
+
+def _signature(kernel, args, kwargs, _tensor=torch.Tensor):
+    """The exact launch signature (see above), or None when the call must go through Triton."""
+    parts = [kernel]
+    add = parts.append
+    ptrs = 0
+    dev = None
+    for a in args:
+        cls = a.__class__
+        if cls is int:
+            add(a)
+        elif cls is _tensor or isinstance(a, _tensor):
+            if dev is None:
+                dev = cuda_index(a)
+                if dev is None:
+                    return None
+            ptrs |= a.data_ptr()
+            add(a.dtype)
+        elif cls is float:
+            add(float)
+        else:
+            add((cls, a))
+    if dev is None or ptrs & 15:
+        return None
+    add(dev)
+    parts.extend(kwargs.items())
+    return tuple(parts)
+
+
+def _constexpr_tail(kernel, n_positional: int, kwargs):
+    """The keyword arguments that are kernel parameters, in parameter order (what follows the
+    positional ones in the compiled kernel's argument list), or None if unknown."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None or len(names) < n_positional:
+        return None
+    rest = names[n_positional:]
+    if any(n not in kwargs for n in rest):
+        return None
+    return tuple(kwargs[n] for n in rest)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, or the direct launch of the compiled kernel that an
+    identical earlier call got (see above). Returns the compiled kernel (None under the
+    interpreter)."""
+    global DIRECT_LAUNCH
+    sig = _signature(kernel, args, kwargs) if DIRECT_LAUNCH else None
+    if sig is not None:
+        hit = _compiled.get(sig)
+        if hit is not None:
+            compiled = hit[0]
+            grid3 = grid if len(grid) == 3 else (*grid, 1, 1)[:3]  # the runner reads 3 dims
+            if hit[2]:
+                compiled[grid3](*args, *hit[1])
+                return compiled
+            try:
+                compiled[grid3](*args, *hit[1])
+            except Exception as exc:  # another Triton's convention: launch through Triton
+                DIRECT_LAUNCH = False
+                _compiled.clear()
+                warnings.warn(f"torch_mla: direct Triton launches are off ({type(exc).__name__}: "
+                              f"{exc}); every launch goes through kernel[grid]", stacklevel=2)
+            else:
+                hit[2] = True
+                return compiled
+    compiled = kernel[grid](*args, **kwargs)
+    if sig is not None and DIRECT_LAUNCH and hasattr(compiled, "__getitem__"):
+        tail = _constexpr_tail(kernel, len(args), kwargs)
+        if tail is not None:
+            if len(_compiled) >= _MAX_SIGNATURES:
+                _compiled.clear()
+            _compiled[sig] = [compiled, tail, False]
+    return compiled

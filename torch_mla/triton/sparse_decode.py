@@ -87,11 +87,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..meta.layouts import V32, alignment_reasons, layout_for_d_qk
+from ..meta.layouts import MODEL1, V32, alignment_reasons
 from .._device import sm_count
 from ..reference.schedule import decode_schedule
 from . import register
-from ._common import DOT_F32
+from ._common import DOT_F32, launch
 
 _SB = 64  # keys per schedule block (decode_schedule's default block_n)
 _D_V_MAX = 512  # value columns the kernel accumulates (8 chunks)
@@ -414,25 +414,49 @@ def _key_count(length, n: int, b: int, device) -> torch.Tensor:
 
 
 def _cache_args(cache: torch.Tensor, layout):
-    raw = cache.view(torch.uint8)
-    nb, bs = raw.shape[0], raw.shape[1]
-    stride0 = raw.stride(0) if nb > 1 else layout.block_bytes(bs)
+    """(the cache as uint8, block stride in bytes, block size, slots). The kernels do byte
+    arithmetic on a uint8 pointer; an fp8 pointer would compile (and load) differently."""
+    raw = cache if cache.dtype is torch.uint8 else cache.view(torch.uint8)
+    nb, bs = cache.shape[0], cache.shape[1]
+    stride0 = cache.stride(0) if nb > 1 else layout.block_bytes(bs)  # 1-byte elements: bytes
     return raw, stride0, bs, nb * bs
 
 
+# ``kernel[grid](*args, **kwargs)``, directly relaunching the compiled kernel of an identical
+# earlier call (see _common.launch). Every launch of this module goes through this name, so that
+# tools/host_overhead.py can stand in for it and time the host path without a GPU.
+_launch = launch
+
+
+_NO_GUARD = contextlib.nullcontext()  # stateless, so one instance serves every call
+
+
+def _device_guard(q: torch.Tensor):
+    """Triton launches on the current CUDA device: make it q's, but only when it is another one
+    (entering torch.cuda.device costs a few us even when nothing changes)."""
+    if q.is_cuda:
+        index = q.get_device()
+        if index != torch.cuda.current_device():
+            return torch.cuda.device(index)
+    return _NO_GUARD
+
+
+# Host side of one call (run per layer per decode step, so kept to the least host work: the
+# contract has checked every input; no tensor is made but the outputs and the workspace; sizes
+# and strides of the new tensors are computed here rather than asked of them).
 def sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
                   extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
                   schedule_metadata=None, num_splits=None):
     b, s_q, h_q, d_qk = q.shape
-    layout = layout_for_d_qk(d_qk)
     dev = q.device
     out = torch.empty((b, s_q, h_q, d_v), dtype=q.dtype, device=dev)
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=dev)
     if b == 0 or s_q == 0 or h_q == 0:
         return out, lse
-    topk = indices.shape[-1]
+    layout = V32 if d_qk == V32.d else MODEL1  # the contract allows only these two
+    topk = indices.shape[2]
     has_extra = extra_k_cache is not None
-    etopk = extra_indices.shape[-1] if has_extra else 0
+    etopk = extra_indices.shape[2] if has_extra else 0
     block_h = _block_h(h_q)
     head_blocks = h_q // block_h
 
@@ -449,39 +473,55 @@ def sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k
     ws_lse = torch.empty((n_ws, s_q, h_q), dtype=torch.float32, device=dev)
 
     kc, kc_stride0, kc_bs, kc_slots = _cache_args(k_cache, layout)
+    sq = q.stride()
+    si = indices.stride()
     if has_extra:
         ec, ec_stride0, ec_bs, ec_slots = _cache_args(extra_k_cache, layout)
         eidx = extra_indices
+        se = eidx.stride()
     else:  # placeholders, never read (HAS_EXTRA is off)
-        ec, ec_stride0, ec_bs, ec_slots, eidx = kc, kc_stride0, kc_bs, 0, indices
+        ec, ec_stride0, ec_bs, ec_slots, eidx, se = kc, kc_stride0, kc_bs, 0, indices, si
     lens = topk_length.contiguous() if topk_length is not None else indices
     elens = extra_topk_length.contiguous() if extra_topk_length is not None else indices
-    sink = attn_sink.to(torch.float32).contiguous() if attn_sink is not None else lse
+    has_sink = attn_sink is not None
+    sink = attn_sink.to(torch.float32).contiguous() if has_sink else lse
     schedule_metadata = schedule_metadata.contiguous()
     num_splits = num_splits.contiguous()
+    # out is new and contiguous: its strides are these (Triton specializes on the values only)
+    so0, so1, so2 = s_q * h_q * d_v, h_q * d_v, d_v
 
     block_n, num_warps, num_stages = _config(block_h)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        kern = _sparse_decode_kernel[(num_parts, head_blocks)](
-            q, q.stride(0), q.stride(1), q.stride(2),
+    with _device_guard(q):
+        kern = _launch(
+            _sparse_decode_kernel, (num_parts, head_blocks),
+            q, sq[0], sq[1], sq[2],
             kc, kc_stride0, kc_bs, kc_slots,
-            indices, indices.stride(0), indices.stride(1), topk, lens,
+            indices, si[0], si[1], topk, lens,
             ec, ec_stride0, ec_bs, ec_slots,
-            eidx, eidx.stride(0), eidx.stride(1), etopk, elens,
+            eidx, se[0], se[1], etopk, elens,
             sink, schedule_metadata, num_splits, ws_o, ws_lse, n_ws,
-            out, out.stride(0), out.stride(1), out.stride(2), lse,
+            out, so0, so1, so2, lse,
             b, s_q, h_q, d_v, float(sm_scale) * _LOG2E,
             LAYOUT=0 if layout is V32 else 1, HAS_LEN=topk_length is not None,
             HAS_EXTRA=has_extra, HAS_ELEN=extra_topk_length is not None,
-            HAS_SINK=attn_sink is not None, BLOCK_H=block_h, BLOCK_N=block_n,
+            HAS_SINK=has_sink, BLOCK_H=block_h, BLOCK_N=block_n,
             DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages)
         if _TUNE.get("debug"):  # tuning scripts read registers / spills / shared memory here
             _TUNE["last_kernel"] = kern
-        _combine_kernel[(b * s_q, h_q // 16)](
-            ws_o, ws_lse, n_ws, num_splits, sink, out, out.stride(0), out.stride(1), out.stride(2),
-            lse, s_q, h_q, d_v, HAS_SINK=attn_sink is not None, BLOCK_H=16, D=_D_V_MAX,
-            num_warps=4)
+        # Always launched: whether any batch element has 0 or >= 2 splits is known only on the
+        # device (a batch element with exactly one split returns at once there).
+        _launch(_combine_kernel, (b * s_q, h_q // 16),
+                ws_o, ws_lse, n_ws, num_splits, sink, out, so0, so1, so2,
+                lse, s_q, h_q, d_v, HAS_SINK=has_sink, BLOCK_H=16, D=_D_V_MAX, num_warps=4)
     return out, lse
+
+
+_Q_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _aligned16(cache: torch.Tensor) -> bool:
+    """alignment_reasons(name, cache, why) == [] (16-byte base and block stride)."""
+    return cache.data_ptr() % 16 == 0 and (cache.shape[0] <= 1 or cache.stride(0) % 16 == 0)
 
 
 def _aligned(name: str, cache: torch.Tensor) -> List[str]:
@@ -491,8 +531,13 @@ def _aligned(name: str, cache: torch.Tensor) -> List[str]:
 def supports(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
              extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
              schedule_metadata=None, num_splits=None) -> List[str]:
+    # every call asks this: the accepting case first, in one expression (the conditions of the
+    # reasons below, and alignment_reasons' with align=16)
+    if (q.dtype in _Q_DTYPES and q.shape[2] % 16 == 0 and d_v <= _D_V_MAX
+            and _aligned16(k_cache) and (extra_k_cache is None or _aligned16(extra_k_cache))):
+        return []
     reasons = []
-    if q.dtype not in (torch.bfloat16, torch.float16):
+    if q.dtype not in _Q_DTYPES:
         reasons.append(f"q dtype {q.dtype}: Triton kernels take bf16/fp16 (the dots run on "
                        "q's dtype)")
     h_q = q.shape[2]
