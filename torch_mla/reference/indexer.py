@@ -72,7 +72,10 @@ def _quantize_rows(x: torch.Tensor, hadamard: bool, scale_format: str):
     """(e4m3 ``[..., d]``, f32 scale ``[...]``) of x; see meta/indexer.py for the formula."""
     y = hadamard_transform(x) if hadamard else x.float()
     amax = y.abs().amax(dim=-1) if y.shape[-1] > 0 else y.new_zeros(y.shape[:-1])
-    scale = torch.clamp_min(amax, AMAX_FLOOR) / FP8_MAX
+    # Divided by a tensor, not the Python number: CUDA divides by a scalar as a multiplication
+    # by its rounded reciprocal, 1 ulp off IEEE division on about half of all rows (seen on the
+    # H100, 2026-11-25), and the scale must be the same bits on every device.
+    scale = torch.clamp_min(amax, AMAX_FLOOR) / torch.full_like(amax, FP8_MAX)
     if scale_format == "ue8m0":
         # The smallest power of two >= scale (a scale that is one already stays). An f32 log2
         # can round onto the integer from either side, so the candidate is checked both ways.

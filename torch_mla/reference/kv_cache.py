@@ -41,7 +41,9 @@ def _scales_inv(nope: torch.Tensor, layout: FP8Layout) -> torch.Tensor:
     """
     tiles = nope.view(nope.shape[0], layout.num_tiles, layout.tile)
     amax = tiles.abs().amax(dim=-1).float()  # exact: |x| and max are exact on bf16 values
-    return torch.pow(2, torch.clamp_min(amax / _FP8_MAX, _MIN_SCALE_INV).log2().ceil())
+    # a tensor divisor: CUDA divides by a Python number as a multiplication by its reciprocal
+    return torch.pow(2, torch.clamp_min(amax / torch.full_like(amax, _FP8_MAX),
+                                        _MIN_SCALE_INV).log2().ceil())
 
 
 def _quantize_nope(nope: torch.Tensor, scale_inv: torch.Tensor, layout: FP8Layout) -> torch.Tensor:

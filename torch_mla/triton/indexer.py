@@ -167,6 +167,11 @@ def _inv_sqrt(d: int) -> float:
     return 1.0 / math.sqrt(max(d, 1))
 
 
+# f32(1e-4) / 448 by IEEE division, once on the host (a CUDA tensor divided by a Python number
+# is multiplied by the rounded reciprocal instead); exact as a Python float.
+_FLOOR_SCALE = (torch.tensor(1e-4, dtype=torch.float32) / torch.tensor(448.0)).item()
+
+
 def indexer_quantize(x, hadamard=True, scale_format="fp32"):
     d = x.shape[-1]
     x_fp8 = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
@@ -175,7 +180,7 @@ def indexer_quantize(x, hadamard=True, scale_format="fp32"):
     if n_rows == 0:
         return x_fp8, scale
     if d == 0:  # nothing to quantize: every row gets the floor scale (a shape fact)
-        floor = torch.full((), 1e-4, dtype=torch.float32, device=x.device) / 448.0
+        floor = torch.full((), _FLOOR_SCALE, dtype=torch.float32, device=x.device)
         if scale_format == "ue8m0":  # the smallest power of two >= floor, from its bits
             bits = floor.view(torch.int32)
             floor = torch.where((bits & 0x7FFFFF) != 0, ((bits >> 23) + 1) << 23,

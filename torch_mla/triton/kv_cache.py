@@ -325,7 +325,8 @@ def _dequantize_kernel(cache_ptr, stride0, block_size, num_tokens, out_ptr,
     c = tl.arange(0, TILE)
     m3 = (t[None, :, None] < NUM_TILES * live[:, None, None]) & (c[None, None, :] < TILE)
     offs = t[None, :, None] * TILE + c[None, None, :]
-    v = e4m3_decode(tl.load(src[:, None, None] + offs, mask=m3, other=0).to(tl.int32))
+    codes = tl.load(src[:, None, None] + offs, mask=m3, other=0).to(tl.int32)
+    v = e4m3_decode(codes & 0x7F)  # the magnitude; the sign is attached in integers below
     tmask = t[None, :] < NUM_TILES * live[:, None]
     if V32_FORMAT:
         # the tile's f32 scale from its 4 little-endian bytes; e4m3 * f32 in f32, then bf16
@@ -333,7 +334,8 @@ def _dequantize_kernel(cache_ptr, stride0, block_size, num_tokens, out_ptr,
         for k in tl.static_range(SCALE_BYTES):
             b = tl.load(scale_src[:, None] + t[None, :] * SCALE_BYTES + k, mask=tmask, other=0)
             sbits = sbits | (b.to(tl.int32) << (8 * k))
-        scale = _f32_bits_to_f64(sbits)
+        scale = _f32_bits_to_f64(sbits & 0x7FFFFFFF)
+        scale_neg = (sbits >> 31) & 1
     else:
         # ue8m0 -> 2**(b - 127) (b = 0 is an f32 subnormal, 255 NaN). The reference multiplies
         # bf16 by bf16: the exact product (a power of two times e4m3, exact in f32 too) rounded
@@ -341,11 +343,17 @@ def _dequantize_kernel(cache_ptr, stride0, block_size, num_tokens, out_ptr,
         sb = tl.load(scale_src[:, None] + t[None, :], mask=tmask, other=127).to(tl.int64)
         scale = ((sb + (1023 - 127)) << 52).to(tl.float64, bitcast=True)  # 2**(b - 127) >= 2**-127
         scale = tl.where(sb == 255, float("nan"), scale)
+        scale_neg = tl.zeros([TOK, TILES_P2], dtype=tl.int32)
     # The reference rounds the exact product to f32, then to bf16. The product of an e4m3 value
     # (4 significant bits) and an f32 scale (24) is exact in f64; both roundings are then done
     # in integers, so subnormal products (only arbitrary, non-quantizer scales make them) come
     # out as in the reference even where the GPU's f32 multiply would flush them.
-    o = _f32_bits_to_bf16_bits(_f64_to_f32_bits(v.to(tl.float64) * scale[:, :, None]))
+    # The product's sign is the XOR of the factors' signs, attached to the f32 bits of the
+    # product of the magnitudes: on the H100 the sign of a zero product came out wrong (-0 for
+    # +0 and back) when the signed f64 product was rounded (seen 2026-11-25, random bytes).
+    neg = ((codes >> 7) & 1) ^ scale_neg[:, :, None]
+    mag = _f64_to_f32_bits(v.to(tl.float64) * scale[:, :, None])
+    o = _f32_bits_to_bf16_bits(mag | (neg << 31))
     out_rows = out_ptr + tok * D
     tl.store(out_rows[:, None, None] + offs, o.to(tl.int16), mask=m3)
     r = tl.arange(0, D_ROPE)
