@@ -23,11 +23,7 @@ TOOL = ROOT / "tools" / "triton_compile_check.py"
 
 # (module, kernel) -> why it is expected to fail today. Remove an entry when its kernel is fixed
 # (the test then fails until it is removed, so the list cannot go stale).
-KNOWN_FAILURES = {
-    ("torch_mla.triton._indexer_train", "_dense_attn_kernel"):
-        "dense_attn_scores at h 128, d_qk 576: shared memory 259072 B (Triton 3.6) / 258560 B "
-        "(3.9) > 232448 B, the launch raises OutOfResources",
-}
+KNOWN_FAILURES: dict = {}
 
 
 def _ptxas():

@@ -11,6 +11,17 @@ import os
 import subprocess
 import sys
 
+# Backward candidates that compile within shared memory under Triton 3.6 (tools/
+# triton_compile_check.py); "bwd" is the module's default.
+BWD_CANDIDATES = {
+    "h32_n32_s1": {"BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
+                   "BWD_CONFIG": {"big": (32, 8, 1), "small": (16, 4, 1)}},
+    "h32_n32_s2": {"BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
+                   "BWD_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)}},
+    "h32_n16_s2": {"BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
+                   "BWD_CONFIG": {"big": (16, 8, 2), "small": (16, 4, 1)}},
+}
+
 VARIANTS = {
     # name: (forward?, module settings)
     "fwd": (True, {}),
@@ -20,6 +31,33 @@ VARIANTS = {
     "bwd_split": (False, {"BWD_SPLIT": True}),
     "bwd_not_transposed_small": (False, {"BWD_DK_TRANSPOSED": False}),
 }
+VARIANTS.update({f"bwd_{k}": (False, v) for k, v in BWD_CANDIDATES.items()})
+
+
+def time_backward(settings_name):
+    """Median time of the backward at the benchmark's shape (s_q 4096, s_kv 8192, h_q 128,
+    d_qk 576, d_v 512, topk 2048, no sink / lengths), FLOPs counted as 2.5x the forward's."""
+    import torch
+    import triton.testing
+    import torch_mla
+    from torch_mla.triton import sparse_prefill as sp
+
+    for k, v in BWD_CANDIDATES.get(settings_name, {}).items():
+        setattr(sp, k, v)
+    torch.manual_seed(0)
+    s_q, h_q, d_qk, d_v, s_kv, topk = 4096, 128, 576, 512, 8192, 2048
+    q = torch.randn(s_q, h_q, d_qk, device="cuda").bfloat16()
+    kv = torch.randn(s_kv, 1, d_qk, device="cuda").bfloat16()
+    idx = torch.argsort(torch.rand(s_q, s_kv, device="cuda"), dim=1)[:, :topk].int().view(s_q, 1, topk)
+    scale = d_qk ** -0.5
+    with torch_mla.use_backend("triton"):
+        out, _, lse = torch.ops.mla.sparse_prefill(q, kv, idx, scale, d_v, None, None)
+        dout, dlse = torch.randn_like(out), torch.zeros_like(lse)
+        fn = lambda: torch.ops.mla.sparse_prefill_backward(dout, dlse, q, kv, idx, out, lse,
+                                                           scale, d_v, None, None)
+        ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    flops = 2.5 * 2 * s_q * h_q * topk * (d_qk + d_v)
+    print(f"time {settings_name}: {ms:.2f} ms = {flops / ms / 1e9:.1f} TFLOPS", flush=True)
 
 
 def run_one(name, small):
@@ -75,8 +113,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant")
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--time-one")
     ap.add_argument("--sanitize", help="variant to run under compute-sanitizer (reduced shape)")
+    ap.add_argument("--time", nargs="*", help="time the backward: default and/or candidates")
     a = ap.parse_args()
+    if a.time is not None:
+        for name in a.time or ["default"] + list(BWD_CANDIDATES):
+            r = subprocess.run([sys.executable, __file__, "--time-one", name],
+                               capture_output=True, text=True, timeout=300)
+            tail = (r.stdout + r.stderr).strip().splitlines()
+            print(f"[rc {r.returncode}] " + (tail[-1] if tail else "(no output)"), flush=True)
+        return
+    if a.time_one:
+        time_backward(a.time_one)
+        return
     if a.variant:
         run_one(a.variant, a.small)
         return

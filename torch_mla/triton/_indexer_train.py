@@ -46,6 +46,9 @@ SCORES_BLOCK_N = 64
 SCORES_WARPS = 4
 ATTN_BLOCK_N = 64 if INTERPRET else 32
 ATTN_WARPS = 8
+# Two stages of the key tiles beside the [h, d] query tile: three need 259 KB of shared memory
+# at h 128, d 576 for dense_attn_scores (the H100 has 227 KB; tools/triton_compile_check.py).
+ATTN_STAGES = 2
 MAX_SCORES_TILE = 128 * 256  # BLOCK_H * BLOCK_D of the backward's f32 dq accumulator
 MAX_ATTN_HEADS = 128
 MAX_ATTN_D = 1024
@@ -330,7 +333,7 @@ def sparse_attn_scores(q, kv, indices, lse, sm_scale, topk_length=None):
         q, kv, indices, lse, lens, out, s_kv, h, topk, float(sm_scale) * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), lse.stride(0), lse.stride(1),
         out.stride(0), HAS_LEN=topk_length is not None, **_attn_consts(q),
-        num_warps=ATTN_WARPS)
+        num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
     return out
 
 
@@ -346,7 +349,7 @@ def dense_attn_scores(q, kv, lse, sm_scale, k_start=None, k_end=None):
         q, kv, lse, ks, ke, out, s_k, h, float(sm_scale) * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), lse.stride(0), lse.stride(1), out.stride(0),
         HAS_START=k_start is not None, HAS_END=k_end is not None, **_attn_consts(q),
-        num_warps=ATTN_WARPS)
+        num_warps=ATTN_WARPS, num_stages=ATTN_STAGES)
     return out
 
 

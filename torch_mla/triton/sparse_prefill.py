@@ -84,12 +84,14 @@ FWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (32, 
 BWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 1), "small": (16, 4, 1)}
 # Backward: compute the dK/dV rows transposed ([d, BLOCK_N], so the GEMM's M is d rather than
 # BLOCK_N, which is < 64) when True. False is the plain [BLOCK_N, d] form.
-BWD_DK_TRANSPOSED = True
+BWD_DK_TRANSPOSED = False
 # Backward as two launches (dq; then dK/dV), each recomputing P and dS: 7 GEMMs instead of 5, but
 # neither keeps both the dq accumulator and the dK/dV tile in registers. Correct (CPU tests) but
 # not yet timed on a GPU: a candidate against the fused kernel's register spills.
 BWD_SPLIT = False
 BWD_SPLIT_CONFIG: Dict[str, Tuple[int, int, int]] = {"dq": (32, 8, 2), "dkv": (32, 8, 1)}
+# Most heads per backward program (64 = one program per 64-head group, as the forward).
+BWD_MAX_BLOCK_H = 32
 
 # Read each block's indices one loop iteration ahead. Forward: +7% on H100, results checked
 # there. Backward: off, because the one H100 run with it on (fused kernel, (32, 8, 1), transposed
@@ -344,10 +346,10 @@ def _bwd_kernel(
                      mask=hmask[:, None] & (offs_t[None, :] < D_T))
 
 
-def _blocks(q: torch.Tensor, kv: torch.Tensor, d_v: int):
+def _blocks(q: torch.Tensor, kv: torch.Tensor, d_v: int, max_block_h: int = 64):
     h_q, d_qk = q.shape[1], q.shape[2]
     group = h_q // kv.shape[1]
-    block_h = min(64, _pow2(group))
+    block_h = min(max_block_h, _pow2(group))
     d_t = d_qk - d_v
     block_dv = _pow2(d_v)
     block_dt = _pow2(d_t) if d_t > 0 else 16
@@ -402,7 +404,9 @@ def sparse_prefill_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v,
     dkv_acc = torch.zeros((s_kv, h_kv, d_qk), dtype=torch.float32, device=kv.device)
     dsink_part = (torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
                   if attn_sink is not None else None)
-    group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v)
+    group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v, BWD_MAX_BLOCK_H)
+    if block_h < 64 and d_v >= 256:
+        size = "big"
     grid = (h_kv * triton.cdiv(group, block_h), s_q)
     for do_dq, do_dkv in (((True, False), (False, True)) if BWD_SPLIT else ((True, True),)):
         block_n, num_warps, num_stages = (
