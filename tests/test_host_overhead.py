@@ -343,9 +343,19 @@ def test_tool_simulation_records_the_launches_and_restores_everything():
             rec.keep = True
             out, lse = torch_mla.sparse_decode(q, cache, idx, d_v=320, sm_scale=scale,
                                                schedule=sched)
-        # unforced, the CUDA order applies: native and triton decline (not GPU-verified)
-        unforced = torch_mla.explain("sparse_decode", q, cache, idx, d_v=512, sm_scale=scale,
-                                     schedule=sched)
+        # unforced, the CUDA order applies: native (GPU-verified) takes it; with neither
+        # kernel verified, native and triton decline
+        chosen = torch_mla.explain("sparse_decode", q, cache, idx, d_v=512, sm_scale=scale,
+                                   schedule=sched)
+        import torch_mla.triton as tri
+        saved = (nat.GPU_VERIFIED, tri.GPU_VERIFIED)
+        nat.GPU_VERIFIED, tri.GPU_VERIFIED = frozenset(), frozenset()
+        try:
+            unforced = torch_mla.explain("sparse_decode", q, cache, idx, d_v=512,
+                                         sm_scale=scale, schedule=sched)
+        finally:
+            nat.GPU_VERIFIED, tri.GPU_VERIFIED = saved
+    assert "native" in chosen.splitlines()[0]
     assert "triton" in text.splitlines()[0]
     assert "skipped native" in unforced and "skipped triton" in unforced
     assert "has not passed its GPU tests" in unforced

@@ -19,10 +19,15 @@ SUPPORTS: Dict[str, Callable[..., List[str]]] = {}
 # pass there: a kernel that was never run on the hardware could fault or be wrong at real sizes.
 # Forcing the backend (use_backend("triton") / TORCH_MLA_BACKEND=triton) runs them anyway.
 GPU_VERIFIED = frozenset({
-    "dense_decode",  # 2026-11-25, tests/gpu/test_triton_dense.py
-    "dense_prefill",  # 2026-11-25, tests/gpu/test_triton_dense.py
-    "dense_prefill_backward",  # 2026-11-25, tests/gpu/test_triton_dense.py
-    "quantize_kv_cache",  # 2026-11-25, tests/gpu/test_triton_kv_cache.py (quantize cases)
+    # H100, torch 2.11, Triton 3.6, 2026-11-25: tests/gpu/test_triton_dense.py
+    "dense_decode", "dense_prefill", "dense_prefill_backward",
+    # same day, tree of commit 2413f4c: tests/gpu/test_triton_{sparse_decode,sparse_prefill,
+    # kv_cache,indexer}.py, every test passing
+    "sparse_decode", "sparse_prefill", "sparse_prefill_backward",
+    "quantize_kv_cache", "dequantize_kv_cache", "write_kv_cache",
+    "indexer_quantize", "write_indexer_cache", "indexer_logits", "indexer_logits_paged",
+    "indexer_topk", "indexer_scores", "indexer_scores_backward", "sparse_attn_scores",
+    "dense_attn_scores",
 })
 
 

@@ -117,6 +117,11 @@ _SCAN_BLOCK = 128
 # registers).
 TOPK_BLOCK = 1024 if INTERPRET else 2048
 TOPK_WARPS = 8
+# Bits per radix digit: 8 (4 histogram passes over each row) or 11 (3 passes, 2048 bins).
+TOPK_DIGIT_BITS = 8
+# False leaves the selected positions in position order: for timing the sort alone, never for
+# results (the contract orders them by logit).
+_TOPK_SORT = True
 MAX_TOPK = 8192
 
 
@@ -543,34 +548,37 @@ def _row_keys(row_ptr, c0, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _digit(key, SHIFT: tl.constexpr):
-    """Byte SHIFT / 8 of the key in unsigned order (the top byte has its sign bit flipped)."""
-    dg = (key >> SHIFT) & 0xFF
-    if SHIFT == 24:
-        dg = dg ^ 0x80
+def _digit(key, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
+    """Bits SHIFT .. SHIFT + WIDTH of the key in unsigned order (the top digit, the one that
+    holds bit 31, has its sign bit flipped)."""
+    dg = (key >> SHIFT) & ((1 << WIDTH) - 1)
+    if SHIFT + WIDTH == 32:
+        dg = dg ^ (1 << (WIDTH - 1))
     return dg
 
 
 @triton.jit
-def _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
-    """Counts of byte SHIFT / 8 among the row's selectable keys with ``key & pmask == prefix``."""
-    hist = tl.zeros([256], tl.int32)
-    bins = tl.arange(0, 256)
+def _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+               NBINS: tl.constexpr, BLOCK: tl.constexpr):
+    """Counts of digit (SHIFT, WIDTH) among the row's selectable keys with
+    ``key & pmask == prefix``."""
+    hist = tl.zeros([NBINS], tl.int32)
+    bins = tl.arange(0, NBINS)
     c_lo = (lo // BLOCK) * BLOCK
     for c0 in range(c_lo, hi, BLOCK):
         pos, key, ok = _row_keys(row_ptr, c0, lo, hi, BLOCK)
         ok = ok & ((key & pmask) == prefix)
         # entries left out count in bin 0 and are taken back out (no histogram mask needed)
-        hist += tl.histogram(tl.where(ok, _digit(key, SHIFT), 0), 256)
+        hist += tl.histogram(tl.where(ok, _digit(key, SHIFT, WIDTH), 0), NBINS)
         hist -= tl.where(bins == 0, BLOCK - tl.sum(ok.to(tl.int32), axis=0), 0)
     return hist
 
 
 @triton.jit
-def _pick_digit(hist, need):
-    """The byte value b of the need-th largest key (counted from the top by ``hist``) and how
+def _pick_digit(hist, need, NBINS: tl.constexpr):
+    """The digit value b of the need-th largest key (counted from the top by ``hist``) and how
     many of the needed keys lie in bins above b."""
-    bins = tl.arange(0, 256)
+    bins = tl.arange(0, NBINS)
     total = tl.sum(hist, axis=0)
     at_least = total - tl.cumsum(hist, axis=0) + hist  # keys in bins >= b
     b = tl.max(tl.where(at_least >= need, bins, -1), axis=0)
@@ -579,19 +587,21 @@ def _pick_digit(hist, need):
 
 
 @triton.jit
-def _refine_digit(row_ptr, lo, hi, prefix, pmask, need, I: tl.constexpr, BLOCK: tl.constexpr):
-    """Radix step I (1..3): the next byte of the k-th largest key below the ``prefix`` found so
-    far. A function per step: Triton 3.6 refuses a constexpr assigned again in an unrolled loop."""
-    SHIFT: tl.constexpr = 24 - 8 * I
-    hist = _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT, BLOCK)
-    b, above = _pick_digit(hist, need)
-    return (need - above, prefix | (b << SHIFT), pmask | (tl.full([], 255, tl.int32) << SHIFT))
+def _refine_digit(row_ptr, lo, hi, prefix, pmask, need, SHIFT: tl.constexpr,
+                  WIDTH: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix step below the top digit: the digit (SHIFT, WIDTH) of the need-th largest key
+    among those matching the ``prefix`` found so far."""
+    hist = _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT, WIDTH, NBINS, BLOCK)
+    b, above = _pick_digit(hist, need, NBINS)
+    return (need - above, prefix | (b << SHIFT),
+            pmask | (tl.full([], (1 << WIDTH) - 1, tl.int32) << SHIFT))
 
 
 @triton.jit
 def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_out,
                  HAS_START: tl.constexpr, HAS_END: tl.constexpr, BLOCK: tl.constexpr,
-                 K_P2: tl.constexpr, LOG_K: tl.constexpr):
+                 K_P2: tl.constexpr, LOG_K: tl.constexpr, NBITS: tl.constexpr,
+                 S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, SORT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_l
     out_ptr = OUT + row * stride_o
@@ -602,9 +612,14 @@ def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_ou
     if HAS_END:
         hi = tl.minimum(tl.load(KEND + row), s_k)
 
-    # Pass 1: top bytes of all selectable keys; their total is the row's count.
+    # Radix select over the 32-bit keys in digits of NBITS bits: the top digit at bits
+    # 32 - NBITS .. 31, then digits ending at bits S1, S2 (and S3 when NBITS = 8): 8-bit digits
+    # take 4 histogram passes over the row, 11-bit digits 3.
+    NBINS: tl.constexpr = 1 << NBITS
+    S0: tl.constexpr = 32 - NBITS
+    # Pass 1: top digits of all selectable keys; their total is the row's count.
     zero = tl.zeros([], tl.int32)
-    hist = _histogram(row_ptr, lo, hi, zero, zero, 24, BLOCK)
+    hist = _histogram(row_ptr, lo, hi, zero, zero, S0, NBITS, NBINS, BLOCK)
     count = tl.sum(hist, axis=0)
     # Selection: key > thr, or key == thr for the first need_eq such keys by position. With at
     # most k_sel selectable keys all are taken: thr = INT32_MIN is below every finite logit's
@@ -612,12 +627,17 @@ def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_ou
     thr = tl.full([], -2147483648, tl.int32)
     need_eq = zero
     if count > k_sel:
-        b, above = _pick_digit(hist, k_sel)
+        b, above = _pick_digit(hist, k_sel, NBINS)
         need = k_sel - above
-        prefix = (b ^ 0x80) << 24
-        pmask = tl.full([], 255, tl.int32) << 24
-        for i in tl.static_range(1, 4):
-            need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, i, BLOCK)
+        prefix = (b ^ (1 << (NBITS - 1))) << S0
+        pmask = tl.full([], NBINS - 1, tl.int32) << S0
+        need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, S1, S0 - S1,
+                                            NBINS, BLOCK)
+        need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, S2, S1 - S2,
+                                            NBINS, BLOCK)
+        if S2 > 0:
+            need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, S3,
+                                                S2 - S3, NBINS, BLOCK)
         thr = prefix  # the exact key of the k_sel-th largest entry
         need_eq = need  # how many entries equal to it are selected (the first by position)
 
@@ -635,6 +655,11 @@ def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_ou
         slot = taken + tl.cumsum(sel_i, axis=0) - 1
         tl.store(out_ptr + slot, pos, mask=sel & (slot < k_sel))  # never past the row
         taken += tl.sum(sel_i, axis=0)
+    if not SORT:  # timing experiments only: the contract orders the positions by logit
+        for j0 in range(0, k_out, BLOCK):
+            jb = j0 + tl.arange(0, BLOCK)
+            tl.store(out_ptr + jb, tl.full([BLOCK], -1, tl.int32), mask=(jb >= taken) & (jb < k_out))
+        return
     tl.debug_barrier()  # the positions written above are read back by other threads
 
     # Sort the <= k_sel selected entries by (logit desc, position asc): int64 keys with the
@@ -666,10 +691,13 @@ def indexer_topk(logits, k, k_start=None, k_end=None):
     ks = k_start.contiguous() if k_start is not None else out
     ke = k_end.contiguous() if k_end is not None else out
     k_p2 = triton.next_power_of_2(k_sel)
+    nbits = TOPK_DIGIT_BITS
+    s1, s2 = 32 - 2 * nbits, max(32 - 3 * nbits, 0)
     _topk_kernel[(s_q,)](
         x, ks, ke, out, s_k, x.stride(0), out.stride(0), k_sel, k,
         HAS_START=k_start is not None, HAS_END=k_end is not None, BLOCK=TOPK_BLOCK,
-        K_P2=k_p2, LOG_K=k_p2.bit_length() - 1, num_warps=TOPK_WARPS)
+        K_P2=k_p2, LOG_K=k_p2.bit_length() - 1, NBITS=nbits, S1=s1, S2=s2,
+        S3=max(32 - 4 * nbits, 0), SORT=_TOPK_SORT, num_warps=TOPK_WARPS)
     return out
 
 

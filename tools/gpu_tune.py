@@ -1,0 +1,100 @@
+"""One device call's worth of measurements that pick settings (run on the GPU machine after
+``source tests/gpu/device_env.sh``):
+
+    python3 tools/gpu_tune.py topk        # indexer_topk variants against torch.topk
+    python3 tools/gpu_tune.py host        # host time of one eager sparse_decode, and its profile
+
+topk: rows 4096 x 32768 f32 randn, k 2048 (the bench's case); every variant is first checked
+bit for bit against the reference on the same logits, then timed with CUDA-graph replay
+(torch_mla.bench.timing), median. host: the bench's host_overhead case (one eager call, GPU idle
+before each), per backend, with Triton's direct relaunch on and off, then a cProfile of 300
+Triton calls (top 25 by cumulative time).
+"""
+
+import cProfile
+import io
+import pstats
+import sys
+
+import torch
+
+import torch_mla
+from torch_mla.bench import timing
+
+
+def _time(fn):
+    secs, _ = timing.cuda_graph_time(fn, replays=20, target_s=5e-3)
+    return secs * 1e6
+
+
+def topk():
+    import torch_mla.triton.indexer as ti
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, s_k, k = 4096, 32768, 2048
+    logits = torch.randn((rows, s_k), generator=g, device="cuda")
+    with torch_mla.use_backend("reference"):
+        want = torch_mla.indexer_topk(logits, k)
+    print(f"torch.topk sorted   {_time(lambda: torch.topk(logits, k, dim=-1)):9.1f} us")
+    print(f"torch.topk unsorted {_time(lambda: torch.topk(logits, k, dim=-1, sorted=False)):9.1f} us")
+    base = dict(TOPK_DIGIT_BITS=ti.TOPK_DIGIT_BITS, TOPK_BLOCK=ti.TOPK_BLOCK,
+                TOPK_WARPS=ti.TOPK_WARPS, _TOPK_SORT=True)
+    variants = [
+        {}, {"TOPK_DIGIT_BITS": 11},
+        {"_TOPK_SORT": False}, {"TOPK_DIGIT_BITS": 11, "_TOPK_SORT": False},
+        {"TOPK_DIGIT_BITS": 11, "TOPK_WARPS": 16}, {"TOPK_DIGIT_BITS": 11, "TOPK_WARPS": 4},
+        {"TOPK_DIGIT_BITS": 11, "TOPK_BLOCK": 4096}, {"TOPK_DIGIT_BITS": 11, "TOPK_BLOCK": 1024},
+    ]
+    for v in variants:
+        for key, val in dict(base, **v).items():
+            setattr(ti, key, val)
+        try:
+            with torch_mla.use_backend("triton"):
+                got = torch_mla.indexer_topk(logits, k)
+                torch.cuda.synchronize()
+                if ti._TOPK_SORT:
+                    ok = "exact" if torch.equal(got, want) else "WRONG"
+                else:
+                    ok = ("same set" if torch.equal(got.sort(-1).values, want.sort(-1).values)
+                          else "WRONG")
+                us = _time(lambda: torch_mla.indexer_topk(logits, k))
+            print(f"triton {v or 'default'}: {us:9.1f} us  {ok}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"triton {v}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    for key, val in base.items():
+        setattr(ti, key, val)
+
+
+def host():
+    import torch_mla.triton._common as tc
+    from torch_mla.bench import cases
+
+    case = next(c for c in cases.all_cases() if c.op == "host_overhead")
+    built = cases.build(case, torch.device("cuda"))
+    for direct in (True, False):
+        tc.DIRECT_LAUNCH = direct
+        for name, fn in built.calls.items():
+            secs, _ = timing.host_overhead(fn, replays=300, sync=torch.cuda.synchronize)
+            print(f"host {name:8s} direct={direct}: {secs * 1e6:7.1f} us", flush=True)
+    tc.DIRECT_LAUNCH = True
+    fn = built.calls["triton"]
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
+    print(s.getvalue()[-6000:])
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
+    print(s.getvalue()[-5000:])
+
+
+if __name__ == "__main__":
+    for what in sys.argv[1:]:
+        {"topk": topk, "host": host}[what]()
