@@ -407,10 +407,12 @@ def radix_logits(s_q, s_k, gen):
     (6, 300, 37, True, 64), (8, 300, 37, True, 1024), (5, 9, 12, True, 1024),
     (4, 200, 200, False, 1024), (4, 250, 1, True, 32), (2, 2100, 2048, False, 1024),
     (3, 9, 40, False, 16)])  # k past the next power of two of s_k: a -1 tail
-@pytest.mark.parametrize("digit_bits", [8, 11])  # 4 or 3 radix passes
-def test_topk_matches_full_sort(s_q, s_k, k, windows, block, digit_bits, gen, monkeypatch):
+@pytest.mark.parametrize("digit_bits,hist_cmp", [(8, False), (4, False), (4, True)])
+def test_topk_matches_full_sort(s_q, s_k, k, windows, block, digit_bits, hist_cmp, gen,
+                                monkeypatch):
     monkeypatch.setattr(tri_indexer, "TOPK_BLOCK", block)  # logits per chunk of each pass
-    monkeypatch.setattr(tri_indexer, "TOPK_DIGIT_BITS", digit_bits)
+    monkeypatch.setattr(tri_indexer, "TOPK_DIGIT_BITS", digit_bits)  # 4 or 8 radix passes
+    monkeypatch.setattr(tri_indexer, "TOPK_HIST_CMP", hist_cmp)
     logits = radix_logits(s_q, s_k, gen)
     logits[0] = NEG_INF  # all invalid
     k_start = k_end = None

@@ -38,12 +38,13 @@ def topk():
     print(f"torch.topk sorted   {_time(lambda: torch.topk(logits, k, dim=-1)):9.1f} us")
     print(f"torch.topk unsorted {_time(lambda: torch.topk(logits, k, dim=-1, sorted=False)):9.1f} us")
     base = dict(TOPK_DIGIT_BITS=ti.TOPK_DIGIT_BITS, TOPK_BLOCK=ti.TOPK_BLOCK,
-                TOPK_WARPS=ti.TOPK_WARPS, _TOPK_SORT=True)
+                TOPK_WARPS=ti.TOPK_WARPS, TOPK_HIST_CMP=ti.TOPK_HIST_CMP, _TOPK_SORT=True)
     variants = [
-        {}, {"TOPK_DIGIT_BITS": 11},
-        {"_TOPK_SORT": False}, {"TOPK_DIGIT_BITS": 11, "_TOPK_SORT": False},
-        {"TOPK_DIGIT_BITS": 11, "TOPK_WARPS": 16}, {"TOPK_DIGIT_BITS": 11, "TOPK_WARPS": 4},
-        {"TOPK_DIGIT_BITS": 11, "TOPK_BLOCK": 4096}, {"TOPK_DIGIT_BITS": 11, "TOPK_BLOCK": 1024},
+        {}, {"TOPK_BLOCK": 4096}, {"TOPK_WARPS": 4}, {"TOPK_WARPS": 16},
+        {"TOPK_DIGIT_BITS": 4}, {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True},
+        {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True, "TOPK_BLOCK": 4096},
+        {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True, "TOPK_BLOCK": 1024},
+        {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True, "TOPK_WARPS": 4},
     ]
     for v in variants:
         for key, val in dict(base, **v).items():
@@ -77,7 +78,12 @@ def host():
             secs, _ = timing.host_overhead(fn, replays=300, sync=torch.cuda.synchronize)
             print(f"host {name:8s} direct={direct}: {secs * 1e6:7.1f} us", flush=True)
     tc.DIRECT_LAUNCH = True
-    fn = built.calls["triton"]
+    for name in ("native", "triton"):
+        _profile(built.calls[name], name)
+
+
+def _profile(fn, name):
+    print(f"=== profile: {name}")
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
@@ -88,11 +94,8 @@ def host():
     prof.disable()
     torch.cuda.synchronize()
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
-    print(s.getvalue()[-6000:])
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(20)
-    print(s.getvalue()[-5000:])
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(22)
+    print(s.getvalue()[-4500:])
 
 
 if __name__ == "__main__":

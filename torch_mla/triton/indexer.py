@@ -117,8 +117,12 @@ _SCAN_BLOCK = 128
 # registers).
 TOPK_BLOCK = 1024 if INTERPRET else 2048
 TOPK_WARPS = 8
-# Bits per radix digit: 8 (4 histogram passes over each row) or 11 (3 passes, 2048 bins).
+# Bits per radix digit, a divisor of 32: 8 takes 4 histogram passes over each row, 4 takes 8
+# (16 bins each). On the H100 (Triton 3.6) tl.histogram's cost grows with its bin count: 11-bit
+# digits (3 passes) ran 7x slower than 8-bit ones.
 TOPK_DIGIT_BITS = 8
+# Count a chunk's digits by comparing with each bin (cheap for few bins) instead of tl.histogram.
+TOPK_HIST_CMP = False
 # False leaves the selected positions in position order: for timing the sort alone, never for
 # results (the contract orders them by logit).
 _TOPK_SORT = True
@@ -559,18 +563,23 @@ def _digit(key, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
-               NBINS: tl.constexpr, BLOCK: tl.constexpr):
+               NBINS: tl.constexpr, HIST_CMP: tl.constexpr, BLOCK: tl.constexpr):
     """Counts of digit (SHIFT, WIDTH) among the row's selectable keys with
-    ``key & pmask == prefix``."""
+    ``key & pmask == prefix``; HIST_CMP counts by comparing with every bin (few bins) instead
+    of ``tl.histogram``."""
     hist = tl.zeros([NBINS], tl.int32)
     bins = tl.arange(0, NBINS)
     c_lo = (lo // BLOCK) * BLOCK
     for c0 in range(c_lo, hi, BLOCK):
         pos, key, ok = _row_keys(row_ptr, c0, lo, hi, BLOCK)
         ok = ok & ((key & pmask) == prefix)
-        # entries left out count in bin 0 and are taken back out (no histogram mask needed)
-        hist += tl.histogram(tl.where(ok, _digit(key, SHIFT, WIDTH), 0), NBINS)
-        hist -= tl.where(bins == 0, BLOCK - tl.sum(ok.to(tl.int32), axis=0), 0)
+        if HIST_CMP:
+            dg = tl.where(ok, _digit(key, SHIFT, WIDTH), NBINS)  # NBINS: in no bin
+            hist += tl.sum((dg[:, None] == bins[None, :]).to(tl.int32), axis=0)
+        else:
+            # entries left out count in bin 0 and are taken back out (no histogram mask)
+            hist += tl.histogram(tl.where(ok, _digit(key, SHIFT, WIDTH), 0), NBINS)
+            hist -= tl.where(bins == 0, BLOCK - tl.sum(ok.to(tl.int32), axis=0), 0)
     return hist
 
 
@@ -587,21 +596,23 @@ def _pick_digit(hist, need, NBINS: tl.constexpr):
 
 
 @triton.jit
-def _refine_digit(row_ptr, lo, hi, prefix, pmask, need, SHIFT: tl.constexpr,
-                  WIDTH: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
-    """One radix step below the top digit: the digit (SHIFT, WIDTH) of the need-th largest key
-    among those matching the ``prefix`` found so far."""
-    hist = _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT, WIDTH, NBINS, BLOCK)
-    b, above = _pick_digit(hist, need, NBINS)
+def _refine_digit(row_ptr, lo, hi, prefix, pmask, need, I: tl.constexpr, NBITS: tl.constexpr,
+                  HIST_CMP: tl.constexpr, BLOCK: tl.constexpr):
+    """Radix step I (>= 1): digit I from the top of the need-th largest key among those matching
+    the ``prefix`` found so far. A function per step: Triton 3.6 refuses a constexpr assigned
+    again in an unrolled loop."""
+    SHIFT: tl.constexpr = 32 - NBITS * (I + 1)
+    hist = _histogram(row_ptr, lo, hi, prefix, pmask, SHIFT, NBITS, 1 << NBITS, HIST_CMP, BLOCK)
+    b, above = _pick_digit(hist, need, 1 << NBITS)
     return (need - above, prefix | (b << SHIFT),
-            pmask | (tl.full([], (1 << WIDTH) - 1, tl.int32) << SHIFT))
+            pmask | (tl.full([], (1 << NBITS) - 1, tl.int32) << SHIFT))
 
 
 @triton.jit
 def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_out,
                  HAS_START: tl.constexpr, HAS_END: tl.constexpr, BLOCK: tl.constexpr,
                  K_P2: tl.constexpr, LOG_K: tl.constexpr, NBITS: tl.constexpr,
-                 S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, SORT: tl.constexpr):
+                 HIST_CMP: tl.constexpr, SORT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_l
     out_ptr = OUT + row * stride_o
@@ -612,14 +623,13 @@ def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_ou
     if HAS_END:
         hi = tl.minimum(tl.load(KEND + row), s_k)
 
-    # Radix select over the 32-bit keys in digits of NBITS bits: the top digit at bits
-    # 32 - NBITS .. 31, then digits ending at bits S1, S2 (and S3 when NBITS = 8): 8-bit digits
-    # take 4 histogram passes over the row, 11-bit digits 3.
+    # Radix select over the 32-bit keys in digits of NBITS bits (a divisor of 32): one
+    # histogram pass over the row per digit, from the top digit (bits 32 - NBITS .. 31) down.
     NBINS: tl.constexpr = 1 << NBITS
     S0: tl.constexpr = 32 - NBITS
     # Pass 1: top digits of all selectable keys; their total is the row's count.
     zero = tl.zeros([], tl.int32)
-    hist = _histogram(row_ptr, lo, hi, zero, zero, S0, NBITS, NBINS, BLOCK)
+    hist = _histogram(row_ptr, lo, hi, zero, zero, S0, NBITS, NBINS, HIST_CMP, BLOCK)
     count = tl.sum(hist, axis=0)
     # Selection: key > thr, or key == thr for the first need_eq such keys by position. With at
     # most k_sel selectable keys all are taken: thr = INT32_MIN is below every finite logit's
@@ -631,13 +641,9 @@ def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_ou
         need = k_sel - above
         prefix = (b ^ (1 << (NBITS - 1))) << S0
         pmask = tl.full([], NBINS - 1, tl.int32) << S0
-        need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, S1, S0 - S1,
-                                            NBINS, BLOCK)
-        need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, S2, S1 - S2,
-                                            NBINS, BLOCK)
-        if S2 > 0:
-            need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, S3,
-                                                S2 - S3, NBINS, BLOCK)
+        for i in tl.static_range(1, 32 // NBITS):
+            need, prefix, pmask = _refine_digit(row_ptr, lo, hi, prefix, pmask, need, i, NBITS,
+                                                HIST_CMP, BLOCK)
         thr = prefix  # the exact key of the k_sel-th largest entry
         need_eq = need  # how many entries equal to it are selected (the first by position)
 
@@ -691,13 +697,11 @@ def indexer_topk(logits, k, k_start=None, k_end=None):
     ks = k_start.contiguous() if k_start is not None else out
     ke = k_end.contiguous() if k_end is not None else out
     k_p2 = triton.next_power_of_2(k_sel)
-    nbits = TOPK_DIGIT_BITS
-    s1, s2 = 32 - 2 * nbits, max(32 - 3 * nbits, 0)
     _topk_kernel[(s_q,)](
         x, ks, ke, out, s_k, x.stride(0), out.stride(0), k_sel, k,
         HAS_START=k_start is not None, HAS_END=k_end is not None, BLOCK=TOPK_BLOCK,
-        K_P2=k_p2, LOG_K=k_p2.bit_length() - 1, NBITS=nbits, S1=s1, S2=s2,
-        S3=max(32 - 4 * nbits, 0), SORT=_TOPK_SORT, num_warps=TOPK_WARPS)
+        K_P2=k_p2, LOG_K=k_p2.bit_length() - 1, NBITS=TOPK_DIGIT_BITS, HIST_CMP=TOPK_HIST_CMP,
+        SORT=_TOPK_SORT, num_warps=TOPK_WARPS)
     return out
 
 
