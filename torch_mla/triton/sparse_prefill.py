@@ -48,15 +48,26 @@ topk 2048, s_kv 8192, bf16:
 
 Measured (H100 80GB HBM3, torch 2.11, triton 3.6; s_kv 8192, one randperm row set per query,
 no sink / topk_length; triton.testing.do_bench median), against the targets of 280 / 200:
-  forward  12.05 ms = 194 TFLOPS (69% of target, 24% of the 798 TFLOPS cuBLAS GEMM);
-  backward 99.5 ms = 59 TFLOPS at the 2.5x count (29% of target), with 134 spilled registers.
-Both are short of their targets. What limits them, as far as the compiler reports go: with 64
-heads per program the fp32 accumulator [64, 512] alone takes 128 of the 255 registers of each of
-256 threads, so BLOCK_N stays at 32 (the QK^T wgmma of each warpgroup is then only 16 keys wide)
-and two pipeline stages of the [32, 576] gather plus Q use 144 KB of shared memory (one program
-per SM); Triton does not overlap the softmax of one block with the GEMMs of the next (no
-warp specialisation on Hopper in 3.6). The backward also keeps dq [64, 576] fp32 (144 registers)
-next to the dK/dV tile, hence the spills; BWD_SPLIT is the untimed alternative.
+  forward  12.05 ms = 194 TFLOPS (69% of target, 24% of the 798 TFLOPS cuBLAS GEMM); in the
+           benchmark (s_kv 32768, CUDA-graph replay) 177-184 TFLOPS, 0.28-0.30x FlashMLA.
+  backward 161 ms = 36 TFLOPS at the 2.5x count (18% of target): 32 heads per program,
+           [BLOCK_N, d] dK/dV tiles, BLOCK_N 32, 8 warps, 2 stages (166 ms with 1 stage,
+           188 ms with BLOCK_N 16). The earlier 99.5 ms (64 heads per program, dK/dV computed
+           transposed) was not a valid number: compute-sanitizer on the H100 showed that
+           Triton 3.6 build reading shared memory out of bounds ("Invalid __shared__ read of
+           size 1024 bytes" in the transposed dot) and it faulted or gave wrong dK/dV (2026-11-25,
+           tools/diag_sparse_prefill.py). At 64 heads the plain form needs 272-312 KB of shared
+           memory (Q and dO are kept twice, once per MMA operand layout), so 32 heads it is.
+What limits them, as far as the compiler reports go: with 64 heads per program the fp32
+accumulator [64, 512] alone takes 128 of the 255 registers of each of 256 threads, so BLOCK_N
+stays at 32 (the QK^T wgmma of each warpgroup is then only 16 keys wide) and two pipeline stages
+of the [32, 576] gather plus Q use 144 KB of shared memory (one program per SM); Triton does not
+overlap the softmax of one block with the GEMMs of the next (no warp specialisation on Hopper in
+3.6). The backward at 32 heads per program gathers every key row four times per query (once per
+head block) and sends four fp32 dK/dV partials per (query, key) through L2 atomics
+(2 x s_q x topk x 576 x 4 B x 4 = 77 GB at the benchmark shape). Next step: one program per query
+for all 128 heads in a warp-specialised native kernel, reducing dK/dV over the heads on chip
+before one atomic per (query, key).
 """
 
 from __future__ import annotations
@@ -78,12 +89,14 @@ from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 #   forward  (32, 8, 2) 12.9 ms; + index prefetch 12.05 ms (best); (32, 8, 3) 13.1; (64, 8, 1)
 #            12.7 with 116 spilled registers; (32, 8, 1) 16.1; (16, 8, 3) 20.7; 16 warps 29-61 ms
 #            (128-register cap, spills); (64, 8, 2) needs 312 KB of shared memory (limit 227 KB).
-#   backward (32, 8, 1) + BWD_DK_TRANSPOSED 99.5 ms (134 spilled registers); (16, 8, 1) + T
-#            104.8 ms; not transposed: 272-312 KB of shared memory, does not launch.
+#   backward, 32 heads per program, plain dK/dV (the only form Triton 3.6 builds correctly, see
+#            the docstring): (32, 8, 2) 161 ms (best); (32, 8, 1) 166 ms; (16, 8, 2) 188 ms.
 FWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (32, 4, 2)}
-BWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 1), "small": (16, 4, 1)}
+BWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (16, 4, 1)}
 # Backward: compute the dK/dV rows transposed ([d, BLOCK_N], so the GEMM's M is d rather than
-# BLOCK_N, which is < 64) when True. False is the plain [BLOCK_N, d] form.
+# BLOCK_N, which is < 64) when True. False is the plain [BLOCK_N, d] form. Off: at 64 heads per
+# program Triton 3.6 built the transposed form reading shared memory out of bounds (H100,
+# compute-sanitizer, 2026-11-25).
 BWD_DK_TRANSPOSED = False
 # Backward as two launches (dq; then dK/dV), each recomputing P and dS: 7 GEMMs instead of 5, but
 # neither keeps both the dq accumulator and the dK/dV tile in registers. Correct (CPU tests) but
@@ -405,8 +418,8 @@ def sparse_prefill_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v,
     dsink_part = (torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
                   if attn_sink is not None else None)
     group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v, BWD_MAX_BLOCK_H)
-    if block_h < 64 and d_v >= 256:
-        size = "big"
+    if block_h == BWD_MAX_BLOCK_H and d_v >= 256:
+        size = "big"  # the production shapes (h_q 64 / 128) at BWD_MAX_BLOCK_H heads a program
     grid = (h_kv * triton.cdiv(group, block_h), s_q)
     for do_dq, do_dkv in (((True, False), (False, True)) if BWD_SPLIT else ((True, True),)):
         block_n, num_warps, num_stages = (
