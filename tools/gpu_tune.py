@@ -3,6 +3,7 @@
 
     python3 tools/gpu_tune.py topk        # indexer_topk variants against torch.topk
     python3 tools/gpu_tune.py host        # host time of one eager sparse_decode, and its profile
+    python3 tools/gpu_tune.py sched       # sparse_decode time against the schedule's part count
 
 topk: rows 4096 x 32768 f32 randn, k 2048 (the bench's case); every variant is first checked
 bit for bit against the reference on the same logits, then timed with CUDA-graph replay
@@ -98,6 +99,33 @@ def _profile(fn, name):
     print(s.getvalue()[-4500:])
 
 
+def sched():
+    """sparse_decode (V32 b=64 s_q=2 h_q=128 topk=2048, the bench's first row) with no schedule
+    (each backend's own part count) and with decode_schedule at several part counts."""
+    from torch_mla.bench import cases
+
+    case = next(c for c in cases.all_cases() if c.op == "sparse_decode")
+    sp = dict(case.spec)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    built = cases._sparse_decode(sp, dev, gen)  # noqa: SLF001 - its inputs, rebuilt below
+    q_args = cases._sparse_scope(gen, dev, sp["layout"], sp["b"], sp["s_q"], sp["s_k"],  # noqa
+                                 sp["topk"], sp["block_size"])
+    cache, idx = q_args[0], q_args[1]
+    d = cases.LAYOUTS[sp["layout"]].d
+    q = torch.randn(sp["b"], sp["s_q"], sp["h_q"], d, device=dev).bfloat16()
+    lens = torch.full((sp["b"],), sp["topk"], dtype=torch.int32, device=dev)
+    for parts in (None, 33, 66, 132, 264):
+        sch = None if parts is None else torch_mla.decode_schedule(lens, num_parts=parts)
+        for backend in ("native", "triton"):
+            with torch_mla.use_backend(backend):
+                us = _time(lambda: torch_mla.sparse_decode(q, cache, idx, d_v=512,
+                                                           sm_scale=d ** -0.5, schedule=sch))
+            print(f"sched parts={parts} {backend}: {us:8.1f} us", flush=True)
+    print(f"flashmla (bench): {_time(built.calls['flashmla']):8.1f} us" if "flashmla" in
+          built.calls else "flashmla: not importable")
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:]:
-        {"topk": topk, "host": host}[what]()
+        {"topk": topk, "host": host, "sched": sched}[what]()
