@@ -407,12 +407,20 @@ def radix_logits(s_q, s_k, gen):
     (6, 300, 37, True, 64), (8, 300, 37, True, 1024), (5, 9, 12, True, 1024),
     (4, 200, 200, False, 1024), (4, 250, 1, True, 32), (2, 2100, 2048, False, 1024),
     (3, 9, 40, False, 16)])  # k past the next power of two of s_k: a -1 tail
-@pytest.mark.parametrize("digit_bits,hist_cmp", [(8, False), (4, False), (4, True)])
-def test_topk_matches_full_sort(s_q, s_k, k, windows, block, digit_bits, hist_cmp, gen,
+@pytest.mark.parametrize("digit_bits,hist_cmp,fast", [
+    (8, False, False), (4, False, False), (4, True, False), (8, False, True)])
+def test_topk_matches_full_sort(s_q, s_k, k, windows, block, digit_bits, hist_cmp, fast, gen,
                                 monkeypatch):
     monkeypatch.setattr(tri_indexer, "TOPK_BLOCK", block)  # logits per chunk of each pass
     monkeypatch.setattr(tri_indexer, "TOPK_DIGIT_BITS", digit_bits)  # 4 or 8 radix passes
     monkeypatch.setattr(tri_indexer, "TOPK_HIST_CMP", hist_cmp)
+    monkeypatch.setattr(tri_indexer, "TOPK_FAST", fast)  # False: the radix path for every row
+    # fast: small samples and capacity, so these tie-heavy rows go either way
+    monkeypatch.setattr(tri_indexer, "TOPK_SAMPLE_MIN", 16)
+    monkeypatch.setattr(tri_indexer, "TOPK_SAMPLE_MAX", 64)
+    monkeypatch.setattr(tri_indexer, "TOPK_CAP_MIN", 32)
+    paths = []
+    monkeypatch.setattr(tri_indexer, "_topk_paths", paths)
     logits = radix_logits(s_q, s_k, gen)
     logits[0] = NEG_INF  # all invalid
     k_start = k_end = None
@@ -425,6 +433,96 @@ def test_topk_matches_full_sort(s_q, s_k, k, windows, block, digit_bits, hist_cm
     assert out.dtype == torch.int32 and out.shape == (s_q, k)
     assert torch.equal(out, want)
     assert torch.equal(ref, want)
+    assert len(paths) == 1 and (paths[0].any() if fast else not paths[0].any())
+
+
+def small_fast_path(monkeypatch, block=256):
+    """Interpreter-sized fast-path settings; returns the list that collects each call's per-row
+    path flags (1: fast path)."""
+    monkeypatch.setattr(tri_indexer, "TOPK_BLOCK", block)
+    monkeypatch.setattr(tri_indexer, "TOPK_SAMPLE_MIN", 64)
+    monkeypatch.setattr(tri_indexer, "TOPK_SAMPLE_MAX", 1024)
+    monkeypatch.setattr(tri_indexer, "TOPK_CAP_MIN", 64)
+    paths = []
+    monkeypatch.setattr(tri_indexer, "_topk_paths", paths)
+    return paths
+
+
+@pytest.mark.parametrize("s_q,s_k,k,windows", [
+    (16, 3000, 150, False), (12, 2500, 100, True), (8, 2100, 2048, False), (6, 700, 77, True),
+    (4, 300, 500, True)])  # k > s_k: a -1 tail
+def test_topk_fast_path_random_rows(s_q, s_k, k, windows, gen, monkeypatch):
+    """Plain random rows take the fast path (the sample's estimate lands in [k, CAP]) and give
+    the exact answer; with the fast path off the same rows give the same answer."""
+    paths = small_fast_path(monkeypatch)
+    logits = torch.randn(s_q, s_k, generator=gen)
+    k_start = k_end = None
+    if windows:
+        k_start = torch.randint(-3, s_k // 4, (s_q,), generator=gen, dtype=torch.int32)
+        k_end = torch.randint(s_k // 2, s_k + 5, (s_q,), generator=gen, dtype=torch.int32)
+    want = topk_by_sort(logits, k, k_start, k_end)
+    out, ref = both(torch_mla.indexer_topk, logits, k, k_start=k_start, k_end=k_end)
+    assert torch.equal(out, want) and torch.equal(ref, want)
+    # the sample misses [k, CAP] for a few per cent of such small rows at most
+    assert paths[0].sum().item() >= 0.75 * s_q, paths[0].tolist()
+    monkeypatch.setattr(tri_indexer, "TOPK_FAST", False)
+    with torch_mla.use_backend("triton"):
+        slow = torch_mla.indexer_topk(logits, k, k_start=k_start, k_end=k_end)
+    assert torch.equal(slow, want) and not paths[1].any()
+
+
+def sample_positions(s_k, k):
+    """The positions the fast path samples in a full row [0, s_k) (n > S)."""
+    s = tri_indexer._topk_sample(s_k, min(k, s_k))
+    assert s < s_k
+    return (torch.arange(s) * s_k) // s
+
+
+def test_topk_fast_path_estimate_failures_fall_back(gen, monkeypatch):
+    """Rows built so that the sampled threshold is too high (the sampled positions hold the
+    largest logits: fewer than k candidates) or too low (the sampled positions are -inf, or all
+    logits tie: more than CAP candidates) take the radix path, exactly; rows with few valid
+    logits (all collected) and tiny windows (the sample is the window) stay on the fast path."""
+    paths = small_fast_path(monkeypatch)
+    s_k, k = 3000, 150
+    pos = sample_positions(s_k, k)
+    x = torch.randn(12, s_k, generator=gen)
+    x[0, pos] += 100.0  # too high: only ~r < k keys >= t
+    x[1, pos] = NEG_INF  # too low: t = INT32_MIN, every valid key a candidate (> CAP)
+    x[2] = 0.5  # too low: all tie
+    x[3] = torch.where(torch.rand(s_k, generator=gen) < 0.5, 1.0, -0.0)  # heavy ties, +-0
+    x[4] = torch.arange(s_k, dtype=torch.float32)  # ascending
+    x[5] = -torch.arange(s_k, dtype=torch.float32)  # descending
+    x[6] = NEG_INF
+    x[6, torch.randperm(s_k, generator=gen)[:40]] = 1.0 + torch.rand(40, generator=gen)
+    x[7] = float("nan")
+    x[7, ::97] = torch.randn(x[7, ::97].shape, generator=gen)  # 31 valid < k: all taken
+    x[8, torch.rand(s_k, generator=gen) < 0.9] = float("nan")  # ~300 valid >= k
+    x[9] = float("inf")
+    k_start = torch.tensor([0] * 10 + [100, 2990], dtype=torch.int32)
+    k_end = torch.tensor([s_k] * 10 + [130, 4000], dtype=torch.int32)  # tiny windows, < k
+    want = topk_by_sort(x, k, k_start, k_end)
+    out, ref = both(torch_mla.indexer_topk, x, k, k_start=k_start, k_end=k_end)
+    assert torch.equal(out, want) and torch.equal(ref, want)
+    took = paths[0].tolist()
+    assert took[:4] == [0, 0, 0, 0], took  # the estimate failed: radix path
+    assert took[4:8] == [1, 1, 1, 1] and took[9:] == [1, 1, 1], took
+    assert (want[10:, 30:] == -1).all() and (want[11, :10] >= 0).all()
+
+
+@pytest.mark.parametrize("n,m", [(64, 64), (64, 16), (128, 32), (32, 4), (16, 1)])
+def test_top_sorted_keeps_the_m_largest_in_order(n, m, gen):
+    @triton.jit
+    def kernel(x_ptr, out_ptr, N: tl.constexpr, LOG_N: tl.constexpr, M: tl.constexpr,
+               LOG_M: tl.constexpr):
+        x = tl.load(x_ptr + tl.arange(0, N))
+        tl.store(out_ptr + tl.arange(0, M), tri_indexer._top_sorted(x, N, LOG_N, M, LOG_M))
+
+    x = torch.randint(-2 ** 62, 2 ** 62, (n,), generator=gen, dtype=torch.int64)
+    x[: n // 4] = x[n // 4: n // 2]  # duplicates
+    out = torch.empty(m, dtype=torch.int64)
+    kernel[(1,)](x, out, n, n.bit_length() - 1, m, m.bit_length() - 1)
+    assert torch.equal(out, x.sort(descending=True).values[:m])
 
 
 def test_topk_strided_logits(gen):

@@ -61,22 +61,45 @@ indexer_logits_paged (decode with MTP, DeepGEMM's fp8_paged_mqa_logits + clean_l
     2 * 256 * 32768 * 64 * 128 = 137 GFLOP -> 69 us at 1979 TFLOPS. Memory bound; the >= 60 %
     target means <= 293 us. Not measured (no GPU run yet).
 
-indexer_topk (per-row top-k, radix select)
+indexer_topk (per-row top-k: a sampled threshold and one pass, radix select as the fallback)
     One program per row. Logits map to int32 keys whose signed order is the float order (-0.0 =
-    +0.0, non-finite and out-of-window entries excluded). Pass 1 histograms the keys' top byte
-    (``tl.histogram``, 256 bins) over the row's window; if the row has at most k valid entries
-    they are all taken, otherwise passes 2-4 histogram the next bytes among the entries that
-    match the prefix found so far, which pins the exact k-th largest key T and how many entries
-    equal to T are needed. A compaction pass writes the positions of keys > T, and of the first
-    (by position) needed keys == T, into the output row (prefix sums give the slots); the
-    program then reloads those <= k positions, rebuilds (key, position) as int64 and sorts them
-    in registers (a bitonic network of reshapes, ``_indexer_common.sort_descending``) by
-    descending logit, ties by ascending position, and writes them back followed by -1 padding.
+    +0.0, non-finite and out-of-window entries excluded). The cost is the number of passes
+    over the row (H100: ~0.6 ms per pass over 4096 rows of 32768), so the common case takes one:
+    Fast path. (1) Threshold: S keys at evenly spaced positions of the window (the whole window
+    when it has <= S positions), and their r-th largest t by a radix select in registers (4
+    tl.histogram steps over the S keys, no pass over the row), with r = ceil(k * OVER * S / n)
+    + MARGIN, so that about OVER * k (1.4 k) of the window's keys are >= t. (2) One pass
+    counts the selectable keys >= t and compacts their positions, in position order, into a
+    scratch row of CAP = 2 * next_pow2(k) slots (never written past CAP). (3) If the count c
+    fits (c <= CAP) and the candidates hold the answer, the c candidates are sorted in
+    registers by (logit desc, position asc) and the first min(c, k) written, then -1 padding.
+    Why exact: if c >= k, the k-th largest key T of the row satisfies T >= t (c keys are >= t),
+    so every key of the top k, and every key equal to T, is a candidate, and the candidates'
+    order by (key desc, position asc) starts with the row's answer. If c < k but t = INT32_MIN
+    (the key excluded entries get: r > the sample's valid keys, or r > S), the candidates are
+    all selectable keys: the answer. (A sample that is the whole window has r = k: t is the
+    exact k-th largest key, so c >= k unless t = INT32_MIN.)
+    Otherwise (t too high: c < k; too low: c > CAP, e.g. heavy ties) the row takes the
+    radix path below, from scratch; the branch is per row inside the one launch (no host
+    sync). For iid rows at the bench's case (S 1024, r 94) a beta-binomial model gives ~4e-4
+    of the rows outside [k, CAP]. The candidate sort keeps the K_P2 largest of CAP keys
+    without sorting all of them (``_top_sorted``: sorted runs of K_P2, then a bitonic halving).
+    Radix path (exact for any input). Pass 1 histograms the keys' top byte (``tl.histogram``,
+    256 bins) over the row's window; if the row has at most k valid entries they are all taken,
+    otherwise passes 2-4 histogram the next bytes among the entries that match the prefix found
+    so far, which pins the exact k-th largest key T and how many entries equal to T are needed.
+    A compaction pass writes the positions of keys > T, and of the first (by position) needed
+    keys == T, into the output row (prefix sums give the slots); the program then reloads those
+    <= k positions, rebuilds (key, position) as int64 and sorts them in registers (a bitonic
+    network of reshapes, ``_indexer_common.sort_descending``) by descending logit, ties by
+    ascending position, and writes them back followed by -1 padding.
     The row itself is never sorted; each pass reads only the row's window.
     Roof at s_q 4096, s_k 32768, k 2048: the logits are read once from HBM (537 MB, 160 us at
-    3.35 TB/s); the other 4 passes read them again from L2 where they are meant to hit (the
-    rows in flight, ~132 x 2 x 128 KB, fit in the 50 MB L2); writes 34 MB. Target: faster than
-    torch.topk on the same inputs. Not measured (no GPU run yet).
+    3.35 TB/s); the radix path's other 4 passes read them again from L2 where they are meant to
+    hit; writes 34 MB (+ up to 64 MB of candidate scratch on the fast path). Measured on the
+    H100 (Triton 3.6): radix path 3.22 ms vs torch.topk 1.95 ms (sorted); the fast path is
+    predicted at ~1.1 ms (one pass ~0.6 ms, the 4096 -> 2048 candidate sort ~0.3 ms, the
+    sample ~0.1 ms); not measured yet.
 """
 
 from __future__ import annotations
@@ -91,7 +114,8 @@ import triton.language as tl
 from .._device import sm_count
 from . import register
 from ._common import DOT_F32, INTERPRET
-from ._indexer_common import (fp8_operand, ordered_keys, pow2, quantize_rows, sort_descending)
+from ._indexer_common import (_bitonic_stage, fp8_operand, ordered_keys, pow2, quantize_rows,
+                              sort_descending)
 
 # --- configuration (module globals so a benchmark can try others) ----------------------------
 # Promote FP8 dot accumulation to f32 every this many products on Hopper (None: the hardware's
@@ -124,9 +148,37 @@ TOPK_DIGIT_BITS = 8
 # Count a chunk's digits by comparing with each bin (cheap for few bins) instead of tl.histogram.
 TOPK_HIST_CMP = False
 # False leaves the selected positions in position order: for timing the sort alone, never for
-# results (the contract orders them by logit).
+# results (the contract orders them by logit). It also turns the fast path off.
 _TOPK_SORT = True
 MAX_TOPK = 8192
+# Fast path (one pass over the row instead of 32 / TOPK_DIGIT_BITS + 1; the radix path stays
+# the exact fallback per row). False: the radix path only.
+TOPK_FAST = True
+# Keys sampled (evenly spaced over the window) to estimate the threshold: the power of two
+# S that makes the k-th largest key about the TOPK_SAMPLE_RANK-th of the sample for a full row
+# (S ~ RANK * s_k / k: the count's relative spread is ~1 / sqrt(RANK)), within
+# [TOPK_SAMPLE_MIN, TOPK_SAMPLE_MAX] and no more than the row (then the sample is the window).
+TOPK_SAMPLE_RANK = 64
+TOPK_SAMPLE_MIN = 256
+TOPK_SAMPLE_MAX = 4096
+# Expected candidates per selected key: the sample rank is ceil(k * this * S / n) + MARGIN.
+TOPK_OVERSAMPLE = 1.4
+TOPK_SAMPLE_MARGIN = 4
+# Candidate capacity CAP = TOPK_CAP_FACTOR * next_pow2(k) within [TOPK_CAP_MIN, TOPK_CAP_MAX]
+# (never below next_pow2(k)). At the bench's case (n 32768, k 2048: S 1024, rank 94, ~3.0k
+# candidates expected, CAP 4096) a beta-binomial model puts about 4e-4 of iid rows outside
+# [k, CAP] (either way); those take the radix path as well.
+TOPK_CAP_FACTOR = 2
+TOPK_CAP_MIN = 512
+TOPK_CAP_MAX = 8192
+# Register cap per thread for the top-k kernel (ptxas .maxnreg; None: the compiler's choice).
+# At k 2048 / s_k 32768 the kernel takes 80 registers (3 programs of 8 warps per SM); 64 (4
+# programs, as the radix-only kernel) compiles there without spills, but spills at other
+# shapes (hundreds of words at k >= 4096), hence a tuning knob, off by default.
+TOPK_MAXNREG = None
+# A list to append, per call, an int32 [s_q] tensor: 1 where the row took the fast path (tests
+# and tuning only; None in use).
+_topk_paths = None
 
 
 def _f8(t: torch.Tensor) -> torch.Tensor:
@@ -609,20 +661,12 @@ def _refine_digit(row_ptr, lo, hi, prefix, pmask, need, I: tl.constexpr, NBITS: 
 
 
 @triton.jit
-def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_out,
-                 HAS_START: tl.constexpr, HAS_END: tl.constexpr, BLOCK: tl.constexpr,
-                 K_P2: tl.constexpr, LOG_K: tl.constexpr, NBITS: tl.constexpr,
-                 HIST_CMP: tl.constexpr, SORT: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = LOGITS + row * stride_l
-    out_ptr = OUT + row * stride_o
-    lo = 0
-    hi = s_k
-    if HAS_START:
-        lo = tl.maximum(tl.load(KSTART + row), 0)
-    if HAS_END:
-        hi = tl.minimum(tl.load(KEND + row), s_k)
-
+def _radix_topk(row_ptr, out_ptr, lo, hi, k_sel, k_out, BLOCK: tl.constexpr,
+                K_P2: tl.constexpr, LOG_K: tl.constexpr, NBITS: tl.constexpr,
+                HIST_CMP: tl.constexpr, SORT: tl.constexpr):
+    """The exact radix-select path for one row: 32 / NBITS histogram passes pin the k_sel-th
+    largest key, a compaction pass writes the selected positions into the output row, and they
+    are sorted there (5 passes over the row at 8-bit digits)."""
     # Radix select over the 32-bit keys in digits of NBITS bits (a divisor of 32): one
     # histogram pass over the row per digit, from the top digit (bits 32 - NBITS .. 31) down.
     NBINS: tl.constexpr = 1 << NBITS
@@ -665,24 +709,180 @@ def _topk_kernel(LOGITS, KSTART, KEND, OUT, s_k, stride_l, stride_o, k_sel, k_ou
         for j0 in range(0, k_out, BLOCK):
             jb = j0 + tl.arange(0, BLOCK)
             tl.store(out_ptr + jb, tl.full([BLOCK], -1, tl.int32), mask=(jb >= taken) & (jb < k_out))
-        return
-    tl.debug_barrier()  # the positions written above are read back by other threads
+    else:
+        tl.debug_barrier()  # the positions written above are read back by other threads
+        _sort_write(row_ptr, out_ptr, out_ptr, taken, taken, k_out, K_P2, LOG_K, K_P2, LOG_K,
+                    BLOCK)
 
-    # Sort the <= k_sel selected entries by (logit desc, position asc): int64 keys with the
-    # position's complement in the low word (unique per position).
-    jj = tl.arange(0, K_P2)
-    have = jj < taken
-    pos = tl.load(out_ptr + jj, mask=have, other=0)
+
+@triton.jit
+def _sort_write(row_ptr, src_ptr, out_ptr, m, m_out, k_out, N: tl.constexpr,
+                LOG_N: tl.constexpr, K_P2: tl.constexpr, LOG_K: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Reads m <= N positions of the row (from ``src_ptr``), sorts them by (logit desc, position
+    asc) as int64 keys with the position's complement in the low word (unique per position),
+    and writes the first m_out <= min(m, K_P2) of them to the output row, then -1 up to k_out."""
+    jj = tl.arange(0, N)
+    have = jj < m
+    pos = tl.load(src_ptr + jj, mask=have, other=0)
     key, _ = ordered_keys(tl.load(row_ptr + pos, mask=have, other=0.0))
     full = (key.to(tl.int64) << 32) | (4294967295 - pos.to(tl.int64))
     full = tl.where(have, full, -9223372036854775807 - 1)
-    full = sort_descending(full, K_P2, LOG_K)
+    full = _top_sorted(full, N, LOG_N, K_P2, LOG_K)  # the K_P2 largest, descending
     pos = (4294967295 - (full & 4294967295)).to(tl.int32)
     tl.debug_barrier()  # every thread has read its positions before they are overwritten
-    tl.store(out_ptr + jj, tl.where(have, pos, -1), mask=jj < k_out)
+    ko = tl.arange(0, K_P2)
+    tl.store(out_ptr + ko, tl.where(ko < m_out, pos, -1), mask=ko < k_out)
     for j0 in range(K_P2, k_out, BLOCK):
         jb = j0 + tl.arange(0, BLOCK)
         tl.store(out_ptr + jb, tl.full([BLOCK], -1, tl.int32), mask=jb < k_out)
+
+
+@triton.jit
+def _top_sorted(x, N: tl.constexpr, LOG_N: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr):
+    """The M largest of ``x [N]`` in descending order (M <= N, powers of two): bitonic stages
+    up to merge size M leave sorted runs of M alternately descending and ascending; each
+    halving keeps the elementwise max of a descending run and its ascending neighbour (a
+    bitonic sequence holding the M largest of the two runs) and merges it. M == N: a plain
+    descending sort. Cheaper than sorting all N: the last merges run on N/2, N/4, ... only."""
+    for kk in tl.static_range(1, LOG_M + 1):
+        for t in tl.static_range(kk):
+            x = _bitonic_stage(x, N, kk, t)
+    for h in tl.static_range(LOG_N - LOG_M):
+        x = _halve_runs(x, N >> h, M, LOG_M)
+    return x
+
+
+@triton.jit
+def _halve_runs(x, N: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr):
+    # A function per halving: Triton 3.6 refuses a constexpr assigned again in an unrolled loop.
+    a, b = tl.split(tl.permute(tl.reshape(x, [N // (2 * M), 2, M]), 0, 2, 1))
+    y = tl.reshape(tl.maximum(a, b), [N // 2])
+    for t in tl.static_range(LOG_M):  # merge each bitonic run (descending once only one is left)
+        y = _bitonic_stage(y, N // 2, LOG_M, t)
+    return y
+
+
+@triton.jit
+def _sample_threshold(row_ptr, lo, hi, k_sel, S: tl.constexpr, OVER256: tl.constexpr,
+                      MARGIN: tl.constexpr):
+    """A key t such that about OVER256 / 256 * k_sel of the window's selectable keys are >= t:
+    the r-th largest of S keys at evenly spaced positions of the window [lo, hi), or of all of
+    it when it has at most S positions (then r = k_sel: t is the exact k_sel-th largest key).
+    Non-selectable keys count as INT32_MIN, the smallest, so t = INT32_MIN means "every
+    selectable key"; it is also t when r > S (the sample asks for about the whole window).
+    Only an estimate: the caller checks what it gives."""
+    n = hi - lo
+    i = tl.arange(0, S)
+    covered = n <= S
+    nn = tl.maximum(n, 1).to(tl.int64)
+    spread = lo + ((i.to(tl.int64) * nn) // S).to(tl.int32)  # n > S: evenly spaced, distinct
+    pos = tl.where(covered, lo + i, spread)
+    inside = i < n
+    key, finite = ordered_keys(tl.load(row_ptr + pos, mask=inside, other=float("-inf")))
+    key = tl.where(inside & finite, key, -2147483648)
+    # r = ceil(k_sel * over * S / n) + MARGIN: the keys >= the sample's r-th largest are about
+    # r * n / S of the window's, over * k_sel plus a margin in expectation.
+    r = (k_sel.to(tl.int64) * (OVER256 * S) + nn * 256 - 1) // (nn * 256) + MARGIN
+    r = tl.where(covered, k_sel, r)
+    t = _kth_largest(key, tl.minimum(r, S).to(tl.int32), S, 8)
+    return tl.where(r > S, -2147483648, t)
+
+
+@triton.jit
+def _kth_largest(key, need, N: tl.constexpr, NBITS: tl.constexpr):
+    """The need-th largest (1 <= need <= N) of the int32 ``key [N]`` held in registers: radix
+    select, one tl.histogram of NBITS-bit digits per step (the row passes' method, no sort)."""
+    prefix = tl.zeros([], tl.int32)
+    pmask = tl.zeros([], tl.int32)
+    for i in tl.static_range(32 // NBITS):
+        need, prefix, pmask = _kth_digit(key, need, prefix, pmask, i, N, NBITS)
+    return prefix
+
+
+@triton.jit
+def _kth_digit(key, need, prefix, pmask, I: tl.constexpr, N: tl.constexpr,
+               NBITS: tl.constexpr):
+    # A function per step: Triton 3.6 refuses a constexpr assigned again in an unrolled loop.
+    SHIFT: tl.constexpr = 32 - NBITS * (I + 1)
+    NB: tl.constexpr = 1 << NBITS
+    ok = (key & pmask) == prefix
+    bins = tl.arange(0, NB)
+    hist = tl.histogram(tl.where(ok, _digit(key, SHIFT, NBITS), 0), NB)
+    hist -= tl.where(bins == 0, N - tl.sum(ok.to(tl.int32), axis=0), 0)
+    b, above = _pick_digit(hist, need, NB)
+    if SHIFT + NBITS == 32:
+        b = b ^ (1 << (NBITS - 1))  # the top digit's sign bit back
+    return (need - above, prefix | (b << SHIFT),
+            pmask | (tl.full([], NB - 1, tl.int32) << SHIFT))
+
+
+@triton.jit
+def _collect_at_least(row_ptr, buf_ptr, lo, hi, t, CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over the window: the number of selectable keys >= t, and the positions of the
+    first CAP of them, in position order, at ``buf_ptr`` (never written past CAP)."""
+    taken = tl.zeros([], tl.int32)
+    c_lo = (lo // BLOCK) * BLOCK
+    for c0 in range(c_lo, hi, BLOCK):
+        pos, key, ok = _row_keys(row_ptr, c0, lo, hi, BLOCK)
+        sel_i = (ok & (key >= t)).to(tl.int32)
+        slot = taken + tl.cumsum(sel_i, axis=0) - 1
+        tl.store(buf_ptr + slot, pos, mask=(sel_i != 0) & (slot < CAP))
+        taken += tl.sum(sel_i, axis=0)
+    return taken
+
+
+@triton.jit
+def _topk_kernel(LOGITS, KSTART, KEND, OUT, BUF, PATHS, s_k, stride_l, stride_o, k_sel, k_out,
+                 HAS_START: tl.constexpr, HAS_END: tl.constexpr, BLOCK: tl.constexpr,
+                 K_P2: tl.constexpr, LOG_K: tl.constexpr, NBITS: tl.constexpr,
+                 HIST_CMP: tl.constexpr, SORT: tl.constexpr, FAST: tl.constexpr,
+                 S: tl.constexpr, OVER256: tl.constexpr,
+                 MARGIN: tl.constexpr, CAP: tl.constexpr, LOG_CAP: tl.constexpr,
+                 RECORD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = LOGITS + row * stride_l
+    out_ptr = OUT + row * stride_o
+    lo = 0
+    hi = s_k
+    if HAS_START:
+        lo = tl.maximum(tl.load(KSTART + row), 0)
+    if HAS_END:
+        hi = tl.minimum(tl.load(KEND + row), s_k)
+
+    if FAST:
+        # Fast path (see the module docstring): threshold from a sample, one collecting pass.
+        buf_ptr = BUF + row * CAP
+        t = _sample_threshold(row_ptr, lo, hi, k_sel, S, OVER256, MARGIN)
+        count = _collect_at_least(row_ptr, buf_ptr, lo, hi, t, CAP, BLOCK)
+        # Exact when every candidate fits and the candidates hold the answer: at least k_sel
+        # of them (then every key of the top k_sel, ties at the k_sel-th included, is >= t),
+        # or all selectable keys (t = INT32_MIN).
+        use_fast = (count <= CAP) & ((count >= k_sel) | (t == -2147483648))
+        if RECORD:
+            tl.store(PATHS + row, use_fast.to(tl.int32))
+        if use_fast:  # (if / else: nothing of the radix path stays live across the sort)
+            tl.debug_barrier()  # the positions written above are read back by other threads
+            _sort_write(row_ptr, buf_ptr, out_ptr, count, tl.minimum(count, k_sel), k_out,
+                        CAP, LOG_CAP, K_P2, LOG_K, BLOCK)
+        else:
+            _radix_topk(row_ptr, out_ptr, lo, hi, k_sel, k_out, BLOCK, K_P2, LOG_K, NBITS,
+                        HIST_CMP, SORT)
+    else:
+        if RECORD:
+            tl.store(PATHS + row, 0)
+        _radix_topk(row_ptr, out_ptr, lo, hi, k_sel, k_out, BLOCK, K_P2, LOG_K, NBITS,
+                    HIST_CMP, SORT)
+
+
+def _topk_sample(s_k: int, k_sel: int) -> int:
+    want = triton.next_power_of_2(-(-TOPK_SAMPLE_RANK * s_k // k_sel))
+    return max(16, min(max(want, TOPK_SAMPLE_MIN), TOPK_SAMPLE_MAX,
+                       triton.next_power_of_2(s_k)))
+
+
+def _topk_cap(k_p2: int) -> int:
+    return max(k_p2, min(max(TOPK_CAP_FACTOR * k_p2, TOPK_CAP_MIN), TOPK_CAP_MAX))
 
 
 def indexer_topk(logits, k, k_start=None, k_end=None):
@@ -697,11 +897,25 @@ def indexer_topk(logits, k, k_start=None, k_end=None):
     ks = k_start.contiguous() if k_start is not None else out
     ke = k_end.contiguous() if k_end is not None else out
     k_p2 = triton.next_power_of_2(k_sel)
+    fast = TOPK_FAST and _TOPK_SORT
+    cap = _topk_cap(k_p2)
+    sample = _topk_sample(s_k, k_sel)
+    # Fast-path scratch: CAP int32 candidate positions per row (bounded: CAP <= TOPK_CAP_MAX,
+    # 2 * next_pow2(k) by default, i.e. about twice the output's size; 64 MB at 4096 rows and
+    # k 2048). Never read past what the same program wrote.
+    buf = torch.empty((s_q, cap), dtype=torch.int32, device=logits.device) if fast else out
+    paths = out
+    if _topk_paths is not None:  # tests / tuning: which rows took the fast path
+        paths = torch.zeros(s_q, dtype=torch.int32, device=logits.device)
+        _topk_paths.append(paths)
     _topk_kernel[(s_q,)](
-        x, ks, ke, out, s_k, x.stride(0), out.stride(0), k_sel, k,
+        x, ks, ke, out, buf, paths, s_k, x.stride(0), out.stride(0), k_sel, k,
         HAS_START=k_start is not None, HAS_END=k_end is not None, BLOCK=TOPK_BLOCK,
         K_P2=k_p2, LOG_K=k_p2.bit_length() - 1, NBITS=TOPK_DIGIT_BITS, HIST_CMP=TOPK_HIST_CMP,
-        SORT=_TOPK_SORT, num_warps=TOPK_WARPS)
+        SORT=_TOPK_SORT, FAST=fast, S=sample,
+        OVER256=round(TOPK_OVERSAMPLE * 256), MARGIN=TOPK_SAMPLE_MARGIN, CAP=cap,
+        LOG_CAP=cap.bit_length() - 1, RECORD=_topk_paths is not None, num_warps=TOPK_WARPS,
+        **({} if TOPK_MAXNREG is None else {"maxnreg": TOPK_MAXNREG}))
     return out
 
 
