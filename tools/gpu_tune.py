@@ -38,30 +38,46 @@ def topk():
         want = torch_mla.indexer_topk(logits, k)
     print(f"torch.topk sorted   {_time(lambda: torch.topk(logits, k, dim=-1)):9.1f} us")
     print(f"torch.topk unsorted {_time(lambda: torch.topk(logits, k, dim=-1, sorted=False)):9.1f} us")
-    base = dict(TOPK_DIGIT_BITS=ti.TOPK_DIGIT_BITS, TOPK_BLOCK=ti.TOPK_BLOCK,
-                TOPK_WARPS=ti.TOPK_WARPS, TOPK_HIST_CMP=ti.TOPK_HIST_CMP, _TOPK_SORT=True)
+    knobs = ("TOPK_DIGIT_BITS", "TOPK_BLOCK", "TOPK_WARPS", "TOPK_HIST_CMP", "TOPK_FAST",
+             "TOPK_SAMPLE_RANK", "TOPK_OVERSAMPLE", "TOPK_CAP_FACTOR", "TOPK_MAXNREG")
+    base = dict({key: getattr(ti, key) for key in knobs}, _TOPK_SORT=True)
+    # Prediction (a pass over the rows costs ~0.6 ms at this case on the H100, Triton 3.6;
+    # the radix path takes 5 of them, 3.22 ms measured): the default fast path makes ONE pass
+    # (a compaction with one cumsum per chunk, maybe cheaper than the radix path's with two),
+    # plus the sample (1024 gathered keys, 4 tl.histogram steps over them, ~0.1 ms) and the
+    # candidate sort (the top 2048 of 4096 int64: ~2.2x the 0.15 ms 2048-key sort, ~0.35 ms)
+    # -> ~1.0-1.1 ms, under torch.topk's 1.95 ms. A beta-binomial model of iid rows gives the
+    # rows that fall back (5 more passes each): default (S 1024, OVER 1.4) ~4e-4; RANK 32
+    # (S 512) ~1.8 % (cheaper sample, more fallbacks); RANK 128 (S 2048) ~0 (sample costs 2x);
+    # OVER 1.25 ~0.7 % (count < k), 1.6 ~1.8 % (count > CAP); CAP factor 4 never falls back
+    # but sorts 8192 candidates (~2.3x the sort). MAXNREG 64: the default's 80 registers allow
+    # 3 programs of 8 warps per SM, 64 allow 4 (no spills at this shape, compile check).
+    # Expected fastest: the default or MAXNREG 64; TOPK_FAST False is the old radix path.
     variants = [
-        {}, {"TOPK_BLOCK": 4096}, {"TOPK_WARPS": 4}, {"TOPK_WARPS": 16},
-        {"TOPK_DIGIT_BITS": 4}, {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True},
-        {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True, "TOPK_BLOCK": 4096},
-        {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True, "TOPK_BLOCK": 1024},
-        {"TOPK_DIGIT_BITS": 4, "TOPK_HIST_CMP": True, "TOPK_WARPS": 4},
+        {}, {"TOPK_SAMPLE_RANK": 32}, {"TOPK_SAMPLE_RANK": 128}, {"TOPK_OVERSAMPLE": 1.25},
+        {"TOPK_OVERSAMPLE": 1.6}, {"TOPK_CAP_FACTOR": 4}, {"TOPK_MAXNREG": 64},
+        {"TOPK_WARPS": 16}, {"TOPK_BLOCK": 1024}, {"TOPK_FAST": False},
     ]
     for v in variants:
         for key, val in dict(base, **v).items():
             setattr(ti, key, val)
         try:
             with torch_mla.use_backend("triton"):
+                ti._topk_paths = []  # which rows took the fast path (this call only)
                 got = torch_mla.indexer_topk(logits, k)
                 torch.cuda.synchronize()
+                fast_rows = int(ti._topk_paths[0].sum())
+                ti._topk_paths = None
                 if ti._TOPK_SORT:
                     ok = "exact" if torch.equal(got, want) else "WRONG"
                 else:
                     ok = ("same set" if torch.equal(got.sort(-1).values, want.sort(-1).values)
                           else "WRONG")
                 us = _time(lambda: torch_mla.indexer_topk(logits, k))
-            print(f"triton {v or 'default'}: {us:9.1f} us  {ok}", flush=True)
+            print(f"triton {v or 'default'}: {us:9.1f} us  {ok}  fast-path rows "
+                  f"{fast_rows}/{rows}", flush=True)
         except Exception as e:  # noqa: BLE001 - report and go on
+            ti._topk_paths = None
             print(f"triton {v}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     for key, val in base.items():
         setattr(ti, key, val)
