@@ -59,3 +59,18 @@ def test_schedule_all_empty():
     sched = torch_mla.decode_schedule(seqlens, num_parts=4)
     assert sched.num_splits.tolist() == [0, 0, 0, 0]
     assert (sched.metadata[:, 0] == 3).all()
+
+
+def test_default_parts_follow_the_head_blocks(monkeypatch):
+    """Without num_parts the schedule has one part per SM, divided by the 64-head blocks of h_q
+    when given (one wave of the decode kernels' programs)."""
+    import torch_mla.api as api
+
+    monkeypatch.setattr(api, "sm_count", lambda device: 132)
+    lens = torch.full((4,), 300, dtype=torch.int32)
+    assert torch_mla.decode_schedule(lens).metadata.shape[0] == 132
+    assert torch_mla.decode_schedule(lens, h_q=128).metadata.shape[0] == 66
+    assert torch_mla.decode_schedule(lens, h_q=64).metadata.shape[0] == 132
+    assert torch_mla.decode_schedule(lens, h_q=16).metadata.shape[0] == 132
+    assert torch_mla.decode_schedule(lens, h_q=192).metadata.shape[0] == 44
+    assert torch_mla.decode_schedule(lens, h_q=128, num_parts=7).metadata.shape[0] == 7
