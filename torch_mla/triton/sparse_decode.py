@@ -73,7 +73,10 @@ warps), ~185 KB of shared memory (q 72 KB + the dequantized bf16 tile 72 KB, sha
 and PV wgmmas, + one stage of raw bytes), hence one CTA per SM and a gather prefetched only one
 tile ahead; dequantization and the wgmmas of a tile run one after the other in the same warps.
 Tried and slower: BLOCK_N 32 (0.28x on V32), num_stages 3, dequantizing chunk by chunk between
-the QK dots, e4m3 -> bf16 with a bf16 scale multiply. Going further needs warp specialization
+the QK dots, e4m3 -> bf16 with a bf16 scale multiply. In the benchmark of the final tree
+(2026-11-25, schedule from decode_schedule(h_q=128): 66 parts, one wave) 0.34-0.35x on the V32
+and MODEL1 h_q=128 rows, 0.48x on MODEL1 h_q=64; the schedule's part count alone moved V32 b=64
+between 509 us (66 parts) and 591 (132) or 987 (33). Going further needs warp specialization
 (a producer warp group gathering and dequantizing into shared memory while the consumers run the
 wgmmas, as FlashMLA does), which the long-stable Triton API does not express.
 """
