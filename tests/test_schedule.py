@@ -64,9 +64,9 @@ def test_schedule_all_empty():
 def test_default_parts_follow_the_head_blocks(monkeypatch):
     """Without num_parts the schedule has one part per SM, divided by the 64-head blocks of h_q
     when given (one wave of the decode kernels' programs)."""
-    import torch_mla.api as api
+    import torch_mla._device as dev
 
-    monkeypatch.setattr(api, "sm_count", lambda device: 132)
+    monkeypatch.setattr(dev, "sm_count", lambda device: 132)
     lens = torch.full((4,), 300, dtype=torch.int32)
     assert torch_mla.decode_schedule(lens).metadata.shape[0] == 132
     assert torch_mla.decode_schedule(lens, h_q=128).metadata.shape[0] == 66

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from . import _dispatch
-from ._device import sm_count
+from ._device import decode_parts
 from . import indexer as _indexer
 
 Tensor = torch.Tensor
@@ -189,17 +189,9 @@ def write_kv_cache(k_cache: Tensor, kv: Tensor, slot_mapping: Tensor, layout: st
     torch.ops.mla.write_kv_cache(k_cache, kv, slot_mapping, layout)
 
 
-# Query heads one program of the decode kernels covers (Triton and native alike).
-_DECODE_HEAD_BLOCK = 64
-
-
 def _decode_schedule_args(seqlens, *, num_parts=None, block_n=64, h_q=None):
     if num_parts is None:
-        # One wave: every part runs once per 64-head block, so SM count / head blocks parts
-        # (H100, V32 b=64 s_q=2 h_q=128 topk=2048, 2026-11-25: 66 parts ran Triton in 509 us and
-        # native in 454, 132 parts in 591 / 488).
-        blocks = 1 if h_q is None else max(1, -(-int(h_q) // _DECODE_HEAD_BLOCK))
-        num_parts = max(1, sm_count(seqlens.device) // blocks)
+        num_parts = decode_parts(seqlens.device, h_q)
     return (seqlens, int(num_parts), int(block_n))
 
 
