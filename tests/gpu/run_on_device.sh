@@ -10,6 +10,10 @@
 #   a Triton cache from an earlier call ($OUT/triton_cache.tgz) copied to .cache/ (optional)
 # Then, through the device tool, with carry [".native", ".peers", ".whl", ".cache"]:
 #   bash tests/gpu/run_on_device.sh
+# The device copies the working tree as it is, helpers' uncommitted edits included, and its .git
+# does not know this session's commits (a `git stash` there stashed committed files): to run
+# exactly a commit, `git archive -o .cache/tree.tar HEAD` here and start the command with
+# `tar xf .cache/tree.tar;`.
 # Results land in $OUT: gpu_tests.txt (pytest), bench/results.{md,json,png}, bench.txt,
 # triton_cache.tgz. STEPS="tests" or "bench" runs one half; GPU_TEST_FILES picks test files.
 set -uo pipefail
