@@ -83,8 +83,8 @@ from . import register
 from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 
 
-# Launch configurations, keyed by head-block size ("big": 64 heads and d_v >= 256, the DeepSeek
-# shapes; "small": the rest). Entries: (BLOCK_N, num_warps, num_stages). Module globals so a
+# Launch configurations, keyed by head-block size ("big": a full head block, 64 heads forward /
+# BWD_MAX_BLOCK_H backward, and d_v > 128, the DeepSeek shapes; "small": the rest). Entries: (BLOCK_N, num_warps, num_stages). Module globals so a
 # benchmark can try others. Measured on H100 (triton 3.6), production shape, see the docstring:
 #   forward  (32, 8, 2) 12.9 ms; + index prefetch 12.05 ms (best); (32, 8, 3) 13.1; (64, 8, 1)
 #            12.7 with 116 spilled registers; (32, 8, 1) 16.1; (16, 8, 3) 20.7; 16 warps 29-61 ms
@@ -366,7 +366,9 @@ def _blocks(q: torch.Tensor, kv: torch.Tensor, d_v: int, max_block_h: int = 64):
     d_t = d_qk - d_v
     block_dv = _pow2(d_v)
     block_dt = _pow2(d_t) if d_t > 0 else 16
-    big = block_h == 64 and block_dv >= 256
+    # "big": a full head block (the most heads one program takes) over wide values, i.e. the
+    # DeepSeek shapes (h_q 64 / 128, d_v 512); every other shape is "small"
+    big = block_h == max_block_h and block_dv >= 256
     return group, block_h, d_t, block_dv, block_dt, ("big" if big else "small")
 
 
@@ -418,8 +420,6 @@ def sparse_prefill_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v,
     dsink_part = (torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
                   if attn_sink is not None else None)
     group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v, BWD_MAX_BLOCK_H)
-    if block_h == BWD_MAX_BLOCK_H and d_v >= 256:
-        size = "big"  # the production shapes (h_q 64 / 128) at BWD_MAX_BLOCK_H heads a program
     grid = (h_kv * triton.cdiv(group, block_h), s_q)
     for do_dq, do_dkv in (((True, False), (False, True)) if BWD_SPLIT else ((True, True),)):
         block_n, num_warps, num_stages = (
