@@ -137,3 +137,11 @@ def bit_mismatches(got, want, limit=8, **context):
         lines.append(f"  [{i}] got {gb[i].item():#x} ({g[i].float().item()!r}) want "
                      f"{wb[i].item():#x} ({w[i].float().item()!r}) {extra}")
     return "\n".join(lines)
+
+
+def poison_cuda_allocator(mib: int, device="cuda"):
+    """Fill ``mib`` MiB of the CUDA caching allocator's free blocks with NaN, so that an output
+    element (or a workspace entry read back) that a kernel never writes shows up as NaN instead of
+    a stale right answer."""
+    x = torch.full((mib * 1024 * 1024 // 4,), float("nan"), device=device)
+    del x

@@ -12,17 +12,17 @@ import torch
 import torch_mla
 from torch_mla.meta.layouts import LAYOUT_BY_D, block_view
 
+from oracles import poison_cuda_allocator
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytest.importorskip("triton")
 
 DEV = "cuda"
 
 
+
 def _poison_allocator():
-    # Fill the caching allocator's free blocks with NaN so that an unwritten output element
-    # shows up as NaN rather than as a stale right answer.
-    x = torch.full((256 * 1024 * 1024 // 4,), float("nan"), device=DEV)
-    del x
+    poison_cuda_allocator(256)
 
 
 def make(d, b, s_q, h_q, topk, etopk=0, *, bs=64, ebs=64, lens=True, sink=True, seed=0,
