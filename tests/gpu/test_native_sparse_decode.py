@@ -23,6 +23,8 @@ import torch
 import torch_mla
 from torch_mla.meta.layouts import LAYOUT_BY_D, block_view
 
+from oracles import poison_cuda_allocator
+
 DEV = "cuda"
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -42,11 +44,9 @@ def native_library():
     return lib
 
 
+
 def _poison_allocator():
-    # Fill the caching allocator's free blocks with NaN so that an unwritten output element
-    # (or an unwritten split-KV partial that the combine reads) shows up as NaN.
-    x = torch.full((384 * 1024 * 1024 // 4,), float("nan"), device=DEV)
-    del x
+    poison_cuda_allocator(384)
 
 
 def _idx(g, b, s_q, k, n_slots, lo=0, invalid_frac=0.1):
@@ -311,12 +311,12 @@ def _rounded_counts(kw, topk, etopk):
 
 @pytest.mark.parametrize("d,etopk", [(576, 0), (512, 128)])
 def test_library_schedule_matches_decode_schedule(d, etopk):
-    from torch_mla.native.sparse_decode import default_num_parts
+    from torch_mla._device import decode_parts
 
     b, s_q, h_q, topk = 16, 2, 128, 1024
     q, cache, kw = make(d, b, s_q, h_q, topk, etopk, tokens_per_b=1024)
     sched = torch_mla.decode_schedule(_rounded_counts(kw, topk, etopk),
-                                      num_parts=default_num_parts(q.device, h_q))
+                                      num_parts=decode_parts(q.device, h_q))
     out1, lse1 = run_native(q, cache, kw)
     out2, lse2 = run_native(q, cache, kw, schedule=sched)
     # same parts -> same splits -> the same arithmetic, bit for bit

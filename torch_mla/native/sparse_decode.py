@@ -39,13 +39,6 @@ def workspace_bytes(b: int, s_q: int, h_q: int, num_parts: int, has_schedule: bo
     return n
 
 
-def default_num_parts(device: torch.device, h_q: int) -> int:
-    """Parts of the library's own schedule when the caller passes none: decode_schedule's
-    default for h_q (one wave of 64-head parts; the grid's s_q axis adds waves, which measured
-    faster than dividing the parts by s_q: 454 vs 471 us at V32 b=64 s_q=2 h_q=128)."""
-    return decode_parts(device, h_q)
-
-
 def _cache_args(cache: torch.Tensor, layout, dummy: int):
     nb, bs = cache.shape[0], cache.shape[1]
     stride0 = cache.stride(0) if nb > 1 else layout.block_bytes(bs)  # bytes: 1-byte dtype
@@ -66,7 +59,10 @@ def sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k
         return out, lse
     layout = V32 if d_qk == V32.d else MODEL1
     if schedule_metadata is None:
-        num_parts = default_num_parts(dev, h_q)
+        # decode_schedule's default (one wave of 64-head parts; the grid's s_q axis adds waves,
+        # which measured faster than dividing the parts by s_q: 454 vs 471 us at V32 b=64 s_q=2
+        # h_q=128 on the H100)
+        num_parts = decode_parts(dev, h_q)
         sched_ptr = splits_ptr = 0
     else:
         schedule_metadata = schedule_metadata.contiguous()
