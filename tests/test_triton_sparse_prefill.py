@@ -152,11 +152,15 @@ def test_forward_and_backward_match_reference(s_q, s_kv, h_q, h_kv, d_qk, d_v, t
     check_backward(g, e, args)
 
 
-@pytest.mark.parametrize("option", ["BWD_SPLIT", "BWD_PREFETCH_IDX", "PREFETCH_IDX"])
-def test_kernel_options(monkeypatch, option):
-    # Switches of the kernel module (backward in two launches; index prefetch): same results.
+@pytest.mark.parametrize("option,value", [
+    ("BWD_MODE", "fused"),  # one backward kernel with per-head-block dK/dV atomics
+    ("BWD_SCRATCH_BYTES", 1),  # two-phase, one query per chunk: the chunk loop and its slices
+    ("BWD_ATOMIC_SEM", "acq_rel"),
+    ("BWD_PREFETCH_IDX", True), ("PREFETCH_IDX", False)])
+def test_kernel_options(monkeypatch, option, value):
+    # Switches of the kernel module: same results.
     from torch_mla.triton import sparse_prefill as mod
-    monkeypatch.setattr(mod, option, not getattr(mod, option))
+    monkeypatch.setattr(mod, option, value)
     args = make_case(3, 40, 16, 1, 48, 32, 70, sink="inf", use_len=True)
     got, exp = forward_both(args)
     check_forward(got, exp, torch.bfloat16)

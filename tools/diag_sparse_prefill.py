@@ -13,13 +13,23 @@ import sys
 
 # Backward candidates that compile within shared memory under Triton 3.6 (tools/
 # triton_compile_check.py); "bwd" is the module's default.
+_FUSED = {"BWD_MODE": "fused", "BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False}
+_SMALL_DKV = (16, 64, 4, 1)
 BWD_CANDIDATES = {
-    "h32_n32_s1": {"BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
-                   "BWD_CONFIG": {"big": (32, 8, 1), "small": (16, 4, 1)}},
-    "h32_n32_s2": {"BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
-                   "BWD_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)}},
-    "h32_n16_s2": {"BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
-                   "BWD_CONFIG": {"big": (16, 8, 2), "small": (16, 4, 1)}},
+    "fused_n32_s2": {**_FUSED, "BWD_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)}},
+    "fused_n32_s2_acqrel": {**_FUSED, "BWD_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)},
+                            "BWD_ATOMIC_SEM": "acq_rel"},
+    # two-phase: first phase (BLOCK_N, warps, stages), second (BLOCK_N, DC, warps, stages)
+    "two_n64_dc128_w4": {"BWD_MODE": "two_phase",
+                         "BWD_DKV_CONFIG": {"big": (64, 128, 4, 2), "small": _SMALL_DKV}},
+    "two_n128_dc128_w8": {"BWD_MODE": "two_phase",
+                          "BWD_DKV_CONFIG": {"big": (128, 128, 8, 1), "small": _SMALL_DKV}},
+    "two_n64_dc64_w4": {"BWD_MODE": "two_phase",
+                        "BWD_DKV_CONFIG": {"big": (64, 64, 4, 2), "small": _SMALL_DKV}},
+    "two_n64_dc256_w8": {"BWD_MODE": "two_phase",
+                         "BWD_DKV_CONFIG": {"big": (64, 256, 8, 1), "small": _SMALL_DKV}},
+    "two_ds_s2": {"BWD_MODE": "two_phase", "BWD_DS_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)}},
+    "two_acqrel": {"BWD_MODE": "two_phase", "BWD_ATOMIC_SEM": "acq_rel"},
 }
 
 VARIANTS = {
@@ -28,7 +38,6 @@ VARIANTS = {
     "fwd_noprefetch": (True, {"PREFETCH_IDX": False}),
     "bwd": (False, {}),
     "bwd_nosink_nolen": (False, {}),
-    "bwd_split": (False, {"BWD_SPLIT": True}),
     "bwd_not_transposed_small": (False, {"BWD_DK_TRANSPOSED": False}),
 }
 VARIANTS.update({f"bwd_{k}": (False, v) for k, v in BWD_CANDIDATES.items()})
@@ -131,7 +140,7 @@ def main():
         run_one(a.variant, a.small)
         return
     if a.sanitize:
-        kern = "_fwd_kernel" if VARIANTS[a.sanitize][0] else "_bwd_kernel"
+        kern = "_fwd_kernel" if VARIANTS[a.sanitize][0] else "_bwd_"  # both backward kernels
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--show-backtrace", "device",
                "--kernel-name", f"kns={kern}", "--print-limit", "5", sys.executable, __file__,
                "--variant", a.sanitize, "--small"]

@@ -26,11 +26,21 @@ so that, with O_raw = out / f never formed (f may be 0):
 P is recomputed from the saved lse (exp2 of the log2-domain logits minus lse * log2(e)), and D
 comes from the saved out (rounded to q's dtype, as in FlashAttention; the reference instead
 recomputes O_raw in fp32): results agree with it to ~0.2-0.6% relative (bf16). dq
-accumulates in registers; each block's dK/dV rows [BLOCK_N, d_qk] go to an fp32 [s_kv, h_kv, d_qk]
-buffer through ``tl.atomic_add`` (masked to valid entries, so duplicated indices and indices
-shared by several queries add up), cast to kv's dtype at the end. A head row whose lse is +inf
-(no valid key) gets no gradient, whatever its dlse holds (even inf or NaN), as in the reference.
-d_sink partials are written per (query, head) and summed over queries by torch (deterministic).
+accumulates in registers. dK/dV rows go to an fp32 [s_kv, h_kv, d_qk] buffer through relaxed
+``tl.atomic_add`` (masked to valid entries, so duplicated indices and indices shared by several
+queries add up), cast to kv's dtype at the end; two ways (``BWD_MODE``):
+  * "two_phase" (the default; groups of up to 128 heads per kv head): the kernel above, 64 heads
+    per program, writes the scaled dS and f * P of each block ([query, kv head, key position,
+    head] in q's dtype, the values the dK/dV GEMMs would use) to a scratch buffer; then
+    ``_bwd_dkv_kernel``, one program per (query, kv head, 64 columns of d_qk), keeps those
+    columns of q and dout on chip and computes dkv[idx_j] += dS^T q + (fP)^T dout summed over all
+    heads of the group: one atomic per (query, key, column). Queries run in chunks so the
+    scratch stays under 512 MiB (1 MiB per query at h_q 128, topk 2048).
+  * "fused": each program (32 heads) also computes its heads' dK/dV partial and adds it
+    atomically: one atomic per (query, key, column) per head block. For larger groups.
+A head row whose lse is +inf (no valid key) gets no gradient, whatever its dlse holds (even inf
+or NaN), as in the reference. d_sink partials are written per (query, head) and summed over
+queries by torch (deterministic).
 
 Roof at the production shape (H100 SXM: 989 dense bf16 TFLOPS by datasheet, ~800 measured for a
 large cuBLAS GEMM; 3.35 TB/s HBM, L2 50 MB), s_q 4096, h_q 128, h_kv 1, d_qk 576, d_v 512,
@@ -42,32 +52,33 @@ topk 2048, s_kv 8192, bf16:
       reads, i.e. 2.3 TB/s at the 280 TFLOPS target (8.4 ms): within L2 bandwidth, not HBM's.
   backward FLOPs counted as 2.5x forward (5 GEMMs of the shapes of the forward's 2: QK^T,
       dO V^T, dS K, dS^T Q, P^T dO) = 5.85 TFLOP -> 5.9 ms at 989; minimal bytes ~2.4 GB
-      (q, dout, out, dq, kv, dkv) -> 0.7 ms: compute bound. The dK/dV atomics add
-      2 x s_q x topk x 576 fp32 = 38.6 GB of L2 reductions (the fp32 dkv buffer, 19 MB, stays
-      in L2), ~1.3 TB/s at the 200 TFLOPS target (29 ms).
+      (q, dout, out, dq, kv, dkv) -> 0.7 ms: compute bound. The two-phase dK/dV atomics add
+      s_q x topk x 576 fp32 = 19.3 GB of L2 reductions (the fp32 dkv buffer, 19 MB, stays in
+      L2 at s_kv 8192; 75 MB at the benchmark's 32768 does not), and the scratch adds 2 x 1 GB
+      of dS / fP writes and reads.
 
 Measured (H100 80GB HBM3, torch 2.11, triton 3.6; s_kv 8192, one randperm row set per query,
 no sink / topk_length; triton.testing.do_bench median), against the targets of 280 / 200:
   forward  12.05 ms = 194 TFLOPS (69% of target, 24% of the 798 TFLOPS cuBLAS GEMM); in the
            benchmark (s_kv 32768, CUDA-graph replay) 177-184 TFLOPS, 0.28-0.30x FlashMLA.
-  backward 161 ms = 36 TFLOPS at the 2.5x count (18% of target): 32 heads per program,
-           [BLOCK_N, d] dK/dV tiles, BLOCK_N 32, 8 warps, 2 stages (166 ms with 1 stage,
-           188 ms with BLOCK_N 16). The earlier 99.5 ms (64 heads per program, dK/dV computed
-           transposed) was not a valid number: compute-sanitizer on the H100 showed that
-           Triton 3.6 build reading shared memory out of bounds ("Invalid __shared__ read of
-           size 1024 bytes" in the transposed dot) and it faulted or gave wrong dK/dV (2026-11-25,
-           tools/diag_sparse_prefill.py). At 64 heads the plain form needs 272-312 KB of shared
-           memory (Q and dO are kept twice, once per MMA operand layout), so 32 heads it is.
+  backward (2026-11-25, s_kv 8192, tools/diag_sparse_prefill.py --time): two-phase 35.4 ms =
+           165 TFLOPS (second phase 64 keys x 64 columns, 4 warps; 36.8 ms at 128 columns,
+           37.7 ms at 256 columns and 8 warps; a 2-stage first phase 43.9 ms: it spills 126
+           registers). The fused kernel at 32 heads: 59.1 ms (99 TFLOPS). With Triton's default
+           acq_rel atomics instead of relaxed: 86.1 ms two-phase, 161 ms fused (an acq_rel
+           atomic orders every memory access around it; relaxed ones just add).
+           The 64-head fused form with dK/dV computed transposed was built wrongly by Triton 3.6
+           (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in the transposed
+           dot), hence 32 heads there; the two-phase kernels are sanitizer-clean.
 What limits them, as far as the compiler reports go: with 64 heads per program the fp32
 accumulator [64, 512] alone takes 128 of the 255 registers of each of 256 threads, so BLOCK_N
 stays at 32 (the QK^T wgmma of each warpgroup is then only 16 keys wide) and two pipeline stages
 of the [32, 576] gather plus Q use 144 KB of shared memory (one program per SM); Triton does not
 overlap the softmax of one block with the GEMMs of the next (no warp specialisation on Hopper in
-3.6). The backward at 32 heads per program gathers every key row four times per query (once per
-head block) and sends four fp32 dK/dV partials per (query, key) through L2 atomics
-(2 x s_q x topk x 576 x 4 B x 4 = 77 GB at the benchmark shape). Next step: one program per query
-for all 128 heads in a warp-specialised native kernel, reducing dK/dV over the heads on chip
-before one atomic per (query, key).
+3.6). The backward's first phase is a forward with one more GEMM (dO V^T) and dq in place of the
+output (176 KB of shared memory, 30-46 spilled registers); its second phase reads 1 MiB of dS
+and fP per query (once per 64-column program, mostly from L2) and sends s_q x topk x 576 fp32
+values to the atomics.
 """
 
 from __future__ import annotations
@@ -89,8 +100,9 @@ from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 #   forward  (32, 8, 2) 12.9 ms; + index prefetch 12.05 ms (best); (32, 8, 3) 13.1; (64, 8, 1)
 #            12.7 with 116 spilled registers; (32, 8, 1) 16.1; (16, 8, 3) 20.7; 16 warps 29-61 ms
 #            (128-register cap, spills); (64, 8, 2) needs 312 KB of shared memory (limit 227 KB).
-#   backward, 32 heads per program, plain dK/dV (the only form Triton 3.6 builds correctly, see
-#            the docstring): (32, 8, 2) 161 ms (best); (32, 8, 1) 166 ms; (16, 8, 2) 188 ms.
+#   backward (fused mode), 32 heads per program, plain dK/dV (the only form Triton 3.6 builds
+#            correctly, see the docstring), acq_rel atomics: (32, 8, 2) 161 ms; (32, 8, 1) 166
+#            ms; (16, 8, 2) 188 ms; relaxed atomics (32, 8, 2) 59 ms. Two-phase: see BWD_MODE.
 FWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (32, 4, 2)}
 BWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (16, 4, 1)}
 # Backward: compute the dK/dV rows transposed ([d, BLOCK_N], so the GEMM's M is d rather than
@@ -98,13 +110,22 @@ BWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (16, 
 # program Triton 3.6 built the transposed form reading shared memory out of bounds (H100,
 # compute-sanitizer, 2026-11-25).
 BWD_DK_TRANSPOSED = False
-# Backward as two launches (dq; then dK/dV), each recomputing P and dS: 7 GEMMs instead of 5, but
-# neither keeps both the dq accumulator and the dK/dV tile in registers. Correct (CPU tests) but
-# not yet timed on a GPU: a candidate against the fused kernel's register spills.
-BWD_SPLIT = False
-BWD_SPLIT_CONFIG: Dict[str, Tuple[int, int, int]] = {"dq": (32, 8, 2), "dkv": (32, 8, 1)}
 # Most heads per backward program (64 = one program per 64-head group, as the forward).
 BWD_MAX_BLOCK_H = 32
+# "two_phase": dq with dS / f*P to a scratch buffer, then dK/dV reduced over the heads on chip
+# (_backward_two_phase; groups of up to BWD_MAX_G heads per kv head); "fused": one kernel, one
+# atomic dK/dV partial per head block (any group).
+BWD_MODE = "two_phase"
+BWD_MAX_G = 128
+BWD_SCRATCH_BYTES = 512 << 20
+# first phase, 64 heads per program: (BLOCK_N, num_warps, num_stages)
+BWD_DS_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 1), "small": (16, 4, 1)}
+# second phase: (BLOCK_N keys, DC columns, num_warps, num_stages)
+BWD_DKV_CONFIG: Dict[str, Tuple[int, int, int, int]] = {"big": (64, 64, 4, 2),
+                                                        "small": (16, 64, 4, 1)}
+# The dK/dV partial sums are read only after the kernel ends: no ordering is needed between the
+# atomics ("relaxed"; Triton's default is "acq_rel").
+BWD_ATOMIC_SEM = "relaxed"
 
 # Read each block's indices one loop iteration ahead. Forward: +7% on H100, results checked
 # there. Backward: off, because the one H100 run with it on (fused kernel, (32, 8, 1), transposed
@@ -218,16 +239,15 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    Q, KV, IDX, LENS, SINK, DO, O, DLSE, LSE, DQ, DKV, DSINK,
+    Q, KV, IDX, LENS, SINK, DO, O, DLSE, LSE, DQ, DKV, DSINK, DS, PF,
     stride_qs, stride_qh, stride_kvs, stride_kvh, stride_is, stride_ih,
     stride_dos, stride_doh, stride_os, stride_oh, stride_dls, stride_dlh, stride_ls, stride_lh,
-    stride_dqs, stride_dqh, stride_dkvs, stride_dkvh,
+    stride_dqs, stride_dqh, stride_dkvs, stride_dkvh, stride_dss, stride_dsh,
     s_kv, topk, group, h_q, sm_scale, scale_log2,
     D_V: tl.constexpr, D_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr,
-    DO_DQ: tl.constexpr, DO_DKV: tl.constexpr, DK_T: tl.constexpr, PREFETCH_IDX: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DK_T: tl.constexpr, PREFETCH_IDX: tl.constexpr, STORE_DS: tl.constexpr, G: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -261,7 +281,7 @@ def _bwd_kernel(
     f = tl.where(row_ok, f, 0.0)
     dl = tl.where(row_ok, dl, 0.0)
     delta = tl.where(row_ok, delta, 0.0)
-    if HAS_SINK and DO_DQ:
+    if HAS_SINK:
         # dL/dsink of this (query, head): -dL/df * f * (1 - f) = -D * (1 - f); summed by the host.
         tl.store(DSINK + pid_s * h_q + head, -delta * (1.0 - f), mask=hmask)
     lse2 = lse_ok * 1.4426950408889634
@@ -301,49 +321,54 @@ def _bwd_kernel(
         dp = _mm(do, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
         ds = p * (f[:, None] * (dp - delta[:, None]) + dl[:, None])
         ds_lo = (ds * sm_scale).to(k.dtype)
-        if DO_DQ:
-            dq = _mm(ds_lo, k, dq, DOT_F32)
-            if HAS_TAIL:
-                dqt = _mm(ds_lo, kt, dqt, DOT_F32)
+        dq = _mm(ds_lo, k, dq, DOT_F32)
+        if HAS_TAIL:
+            dqt = _mm(ds_lo, kt, dqt, DOT_F32)
         pf_lo = (p * f[:, None]).to(k.dtype)
-        if not DO_DKV:
-            pass
+        if STORE_DS:
+            # two-phase backward: this block's scaled dS and f * P, [key position, head] per
+            # (query, kv head), for _bwd_dkv_kernel to reduce over all heads of the group
+            ds_at = (pid_s * stride_dss + kvh * stride_dsh + pos[None, :].to(tl.int64) * G
+                     + offs_g[:, None])
+            st_mask = hmask[:, None] & in_len[None, :]
+            tl.store(DS + ds_at, ds_lo, mask=st_mask)
+            tl.store(PF + ds_at, pf_lo, mask=st_mask)
         elif DK_T:
             # [d, BLOCK_N] so the GEMM's M is d (a multiple of 64) rather than BLOCK_N.
             dkv_cols = dkv_head + idx64[None, :] * stride_dkvs
             dk = _mm(tl.trans(q), ds_lo, tl.zeros([BLOCK_DV, BLOCK_N], tl.float32), DOT_F32)
             dk = _mm(tl.trans(do), pf_lo, dk, DOT_F32)
             if BLOCK_DV == D_V:
-                tl.atomic_add(dkv_cols + offs_v[:, None], dk, mask=valid[None, :])
+                tl.atomic_add(dkv_cols + offs_v[:, None], dk, mask=valid[None, :], sem=ATOMIC_SEM)
             else:
                 tl.atomic_add(dkv_cols + offs_v[:, None], dk,
-                              mask=valid[None, :] & (offs_v[:, None] < D_V))
+                              mask=valid[None, :] & (offs_v[:, None] < D_V), sem=ATOMIC_SEM)
             if HAS_TAIL:
                 dkt = _mm(tl.trans(qt), ds_lo, tl.zeros([BLOCK_DT, BLOCK_N], tl.float32), DOT_F32)
                 if BLOCK_DT == D_T:
-                    tl.atomic_add(dkv_cols + D_V + offs_t[:, None], dkt, mask=valid[None, :])
+                    tl.atomic_add(dkv_cols + D_V + offs_t[:, None], dkt, mask=valid[None, :],
+                                  sem=ATOMIC_SEM)
                 else:
                     tl.atomic_add(dkv_cols + D_V + offs_t[:, None], dkt,
-                                  mask=valid[None, :] & (offs_t[:, None] < D_T))
+                                  mask=valid[None, :] & (offs_t[:, None] < D_T), sem=ATOMIC_SEM)
         else:
             dkv_rows = dkv_head + idx64[:, None] * stride_dkvs
             dk = _mm(tl.trans(ds_lo), q, tl.zeros([BLOCK_N, BLOCK_DV], tl.float32), DOT_F32)
             dk = _mm(tl.trans(pf_lo), do, dk, DOT_F32)
             if BLOCK_DV == D_V:
-                tl.atomic_add(dkv_rows + offs_v[None, :], dk, mask=valid[:, None])
+                tl.atomic_add(dkv_rows + offs_v[None, :], dk, mask=valid[:, None], sem=ATOMIC_SEM)
             else:
                 tl.atomic_add(dkv_rows + offs_v[None, :], dk,
-                              mask=valid[:, None] & (offs_v[None, :] < D_V))
+                              mask=valid[:, None] & (offs_v[None, :] < D_V), sem=ATOMIC_SEM)
             if HAS_TAIL:
                 dkt = _mm(tl.trans(ds_lo), qt, tl.zeros([BLOCK_N, BLOCK_DT], tl.float32), DOT_F32)
                 if BLOCK_DT == D_T:
-                    tl.atomic_add(dkv_rows + D_V + offs_t[None, :], dkt, mask=valid[:, None])
+                    tl.atomic_add(dkv_rows + D_V + offs_t[None, :], dkt, mask=valid[:, None],
+                                  sem=ATOMIC_SEM)
                 else:
                     tl.atomic_add(dkv_rows + D_V + offs_t[None, :], dkt,
-                                  mask=valid[:, None] & (offs_t[None, :] < D_T))
+                                  mask=valid[:, None] & (offs_t[None, :] < D_T), sem=ATOMIC_SEM)
 
-    if not DO_DQ:
-        return
     dq_rows = DQ + pid_s * stride_dqs + head[:, None] * stride_dqh
     if BLOCK_DV == D_V:
         tl.store(dq_rows + offs_v[None, :], dq.to(DQ.dtype.element_ty), mask=hmask[:, None])
@@ -357,6 +382,61 @@ def _bwd_kernel(
         else:
             tl.store(dq_rows + D_V + offs_t[None, :], dqt.to(DQ.dtype.element_ty),
                      mask=hmask[:, None] & (offs_t[None, :] < D_T))
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, DO, IDX, LENS, DS, PF, DKV,
+    stride_qs, stride_qh, stride_dos, stride_doh, stride_is, stride_ih,
+    stride_dss, stride_dsh, stride_dkvs, stride_dkvh,
+    s_kv, topk, group, col0, col_end, n_chunks,
+    G: tl.constexpr, DC: tl.constexpr, BLOCK_N: tl.constexpr, USE_DO: tl.constexpr,
+    HAS_LEN: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Second phase of the two-phase backward: for one query, one kv head and the columns
+    [c0, c0 + DC) of d_qk (c0 = col0 + chunk * DC, clipped at col_end), the dK/dV rows of every
+    selected key summed over all heads of the group on chip,
+        dkv[idx_j, c] += sum_h dS[h, j] * q[h, c]  (+ sum_h fP[h, j] * dout[h, c], c < d_v),
+    then one atomic add per (query, key, column): the fused kernel sends one per head block.
+    q's and dout's columns stay in registers / shared memory for the whole loop; dS and fP come
+    from the first phase's scratch ([query, kv head, key position, head], in q's dtype)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1).to(tl.int64)
+    kvh = pid_c // n_chunks
+    offs_c = col0 + (pid_c % n_chunks) * DC + tl.arange(0, DC)
+    c_ok = offs_c < col_end
+    offs_g = tl.arange(0, G)
+    g_ok = offs_g < group
+    head = kvh * group + offs_g
+    offs_n = tl.arange(0, BLOCK_N)
+
+    qd_mask = g_ok[:, None] & c_ok[None, :]
+    q = tl.load(Q + pid_s * stride_qs + head[:, None] * stride_qh + offs_c[None, :],
+                mask=qd_mask, other=0.0)  # [G, DC]
+    if USE_DO:
+        do = tl.load(DO + pid_s * stride_dos + head[:, None] * stride_doh + offs_c[None, :],
+                     mask=qd_mask, other=0.0)
+
+    n_keys = topk
+    if HAS_LEN:
+        n_keys = tl.maximum(tl.minimum(tl.load(LENS + pid_s), topk), 0)
+    idx_row = IDX + pid_s * stride_is + kvh * stride_ih
+    ds_base = pid_s * stride_dss + kvh * stride_dsh
+    dkv_cols = DKV + kvh * stride_dkvh + offs_c[None, :]
+    for start in range(0, n_keys, BLOCK_N):
+        pos = start + offs_n
+        in_len = pos < n_keys
+        idx = tl.load(idx_row + pos, mask=in_len, other=-1)
+        valid = in_len & (idx >= 0) & (idx < s_kv)
+        at = ds_base + pos[:, None].to(tl.int64) * G + offs_g[None, :]
+        ld_mask = in_len[:, None] & g_ok[None, :]
+        ds = tl.load(DS + at, mask=ld_mask, other=0.0)  # [BLOCK_N, G]
+        acc = _mm(ds, q, tl.zeros([BLOCK_N, DC], tl.float32), DOT_F32)
+        if USE_DO:
+            pf = tl.load(PF + at, mask=ld_mask, other=0.0)
+            acc = _mm(pf, do, acc, DOT_F32)
+        tl.atomic_add(dkv_cols + idx.to(tl.int64)[:, None] * stride_dkvs, acc,
+                      mask=valid[:, None] & c_ok[None, :], sem=ATOMIC_SEM)
 
 
 def _blocks(q: torch.Tensor, kv: torch.Tensor, d_v: int, max_block_h: int = 64):
@@ -419,33 +499,96 @@ def sparse_prefill_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v,
     dkv_acc = torch.zeros((s_kv, h_kv, d_qk), dtype=torch.float32, device=kv.device)
     dsink_part = (torch.empty((s_q, h_q), dtype=torch.float32, device=q.device)
                   if attn_sink is not None else None)
-    group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v, BWD_MAX_BLOCK_H)
-    grid = (h_kv * triton.cdiv(group, block_h), s_q)
-    for do_dq, do_dkv in (((True, False), (False, True)) if BWD_SPLIT else ((True, True),)):
-        block_n, num_warps, num_stages = (
-            BWD_SPLIT_CONFIG["dq" if do_dq else "dkv"] if BWD_SPLIT and size == "big"
-            else BWD_CONFIG[size])
-        _bwd_kernel[grid](
-            q, kv, indices, topk_length if topk_length is not None else indices,
-            attn_sink if attn_sink is not None else q, dout, out, dlse, lse, dq, dkv_acc,
-            dsink_part if dsink_part is not None else dkv_acc,
-            q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0),
-            indices.stride(1), dout.stride(0), dout.stride(1), out.stride(0), out.stride(1),
-            dlse.stride(0), dlse.stride(1), lse.stride(0), lse.stride(1),
-            dq.stride(0), dq.stride(1), dkv_acc.stride(0), dkv_acc.stride(1),
-            s_kv, topk, group, h_q, sm_scale, sm_scale * LOG2E,
-            D_V=d_v, D_T=d_t, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=block_dv,
-            BLOCK_DT=block_dt, HAS_TAIL=d_t > 0, HAS_LEN=topk_length is not None,
-            HAS_SINK=attn_sink is not None, DO_DQ=do_dq, DO_DKV=do_dkv, DK_T=BWD_DK_TRANSPOSED,
-            PREFETCH_IDX=BWD_PREFETCH_IDX, DOT_F32=DOT_F32, num_warps=num_warps,
-            num_stages=num_stages,
-        )
+    args = (dout, dlse, q, indices, out, lse, topk_length, attn_sink, dq, dkv_acc, dsink_part)
+    if BWD_MODE == "two_phase" and _pow2(h_q // h_kv) <= BWD_MAX_G:
+        _backward_two_phase(kv, sm_scale, d_v, *args)
+    else:
+        _backward_fused(kv, sm_scale, d_v, *args)
     dkv.copy_(dkv_acc)
     if attn_sink is None:
         d_sink = q.new_zeros((h_q,), dtype=torch.float32)
     else:
         d_sink = dsink_part.sum(0).to(sink_dtype)
     return dq, dkv, d_sink
+
+
+def _bwd_launch(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, topk_length, attn_sink, dq,
+                dkv_acc, dsink_part, ds, pf, block_h_max, config):
+    """One launch of _bwd_kernel over the queries of q (a slice of them in the two-phase mode)."""
+    s_q, h_q, _ = q.shape
+    s_kv, h_kv, _ = kv.shape
+    topk = indices.shape[-1]
+    group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v, block_h_max)
+    block_n, num_warps, num_stages = config[size]
+    store_ds = ds is not None
+    grid = (h_kv * triton.cdiv(group, block_h), s_q)
+    _bwd_kernel[grid](
+        q, kv, indices, topk_length if topk_length is not None else indices,
+        attn_sink if attn_sink is not None else q, dout, out, dlse, lse, dq, dkv_acc,
+        dsink_part if dsink_part is not None else dkv_acc,
+        ds if store_ds else q, pf if store_ds else q,
+        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0),
+        indices.stride(1), dout.stride(0), dout.stride(1), out.stride(0), out.stride(1),
+        dlse.stride(0), dlse.stride(1), lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), dkv_acc.stride(0), dkv_acc.stride(1),
+        ds.stride(0) if store_ds else 0, ds.stride(1) if store_ds else 0,
+        s_kv, topk, group, h_q, sm_scale, sm_scale * LOG2E,
+        D_V=d_v, D_T=d_t, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=block_dv,
+        BLOCK_DT=block_dt, HAS_TAIL=d_t > 0, HAS_LEN=topk_length is not None,
+        HAS_SINK=attn_sink is not None, DK_T=BWD_DK_TRANSPOSED,
+        PREFETCH_IDX=BWD_PREFETCH_IDX, STORE_DS=store_ds,
+        G=ds.shape[-1] if store_ds else 16, ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _backward_fused(kv, sm_scale, d_v, *args):
+    """dq and the dK/dV partials of each head block in one kernel (any group size)."""
+    _bwd_launch(kv, sm_scale, d_v, *args, None, None, BWD_MAX_BLOCK_H, BWD_CONFIG)
+
+
+def _backward_two_phase(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, topk_length,
+                        attn_sink, dq, dkv_acc, dsink_part):
+    """Phase 1 (_bwd_kernel, STORE_DS): dq, and the scaled dS and f * P of every (query, head,
+    key position) into a scratch buffer in q's dtype, 64 heads per program as the forward.
+    Phase 2 (_bwd_dkv_kernel): dK/dV summed over the heads of each kv head on chip, one atomic
+    add per (query, key, column). Queries run in chunks so that the scratch stays under
+    BWD_SCRATCH_BYTES (1 MiB per query at h_q 128, topk 2048)."""
+    s_q, h_q, d_qk = q.shape
+    s_kv, h_kv, _ = kv.shape
+    topk = indices.shape[-1]
+    group = h_q // h_kv
+    g = _pow2(group)
+    d_t = d_qk - d_v
+    per_query = max(1, 2 * h_kv * topk * g * q.element_size())
+    chunk = max(1, min(s_q, BWD_SCRATCH_BYTES // per_query))
+    ds = torch.empty((chunk, h_kv, topk, g), dtype=q.dtype, device=q.device)
+    pf = torch.empty_like(ds)
+    big = g >= 64 and d_v >= 256  # the DeepSeek shapes (h_q 64 / 128 per kv head, d_v 512)
+    block_n, dc, num_warps, num_stages = BWD_DKV_CONFIG["big" if big else "small"]
+    dc_v = min(dc, _pow2(d_v))
+    passes = [(0, d_v, dc_v, True)]
+    if d_t > 0:
+        passes.append((d_v, d_qk, _pow2(d_t), False))
+    for s0 in range(0, s_q, chunk):
+        s1 = min(s_q, s0 + chunk)
+        sl = slice(s0, s1)
+        lens = topk_length[sl] if topk_length is not None else None
+        dsink = dsink_part[sl] if dsink_part is not None else None
+        _bwd_launch(kv, sm_scale, d_v, dout[sl], dlse[sl], q[sl], indices[sl], out[sl], lse[sl],
+                    lens, attn_sink, dq[sl], dkv_acc, dsink, ds, pf, 64, BWD_DS_CONFIG)
+        qs, dos, idx = q[sl], dout[sl], indices[sl]
+        for col0, col_end, width, use_do in passes:
+            n_chunks = triton.cdiv(col_end - col0, width)
+            _bwd_dkv_kernel[(h_kv * n_chunks, s1 - s0)](
+                qs, dos, idx, lens if lens is not None else idx, ds, pf, dkv_acc,
+                qs.stride(0), qs.stride(1), dos.stride(0), dos.stride(1), idx.stride(0),
+                idx.stride(1), ds.stride(0), ds.stride(1), dkv_acc.stride(0), dkv_acc.stride(1),
+                s_kv, topk, group, col0, col_end, n_chunks,
+                G=g, DC=width, BLOCK_N=block_n, USE_DO=use_do, HAS_LEN=lens is not None,
+                ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32, num_warps=num_warps,
+                num_stages=num_stages,
+            )
 
 
 def _dtype_name(dt: torch.dtype) -> str:
