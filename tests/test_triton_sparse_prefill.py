@@ -156,6 +156,8 @@ def test_forward_and_backward_match_reference(s_q, s_kv, h_q, h_kv, d_qk, d_v, t
     ("BWD_MODE", "fused"),  # one backward kernel with per-head-block dK/dV atomics
     ("BWD_SCRATCH_BYTES", 1),  # two-phase, one query per chunk: the chunk loop and its slices
     ("BWD_ATOMIC_SEM", "acq_rel"),
+    ("BWD_DQ_IN_PHASE2", False),  # two-phase with dq formed by the first phase
+    ("BWD_DS_PREFETCH_IDX", False),
     ("BWD_PREFETCH_IDX", True), ("PREFETCH_IDX", False)])
 def test_kernel_options(monkeypatch, option, value):
     # Switches of the kernel module: same results.

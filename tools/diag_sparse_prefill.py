@@ -30,7 +30,59 @@ BWD_CANDIDATES = {
                          "BWD_DKV_CONFIG": {"big": (64, 256, 8, 1), "small": _SMALL_DKV}},
     "two_ds_s2": {"BWD_MODE": "two_phase", "BWD_DS_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)}},
     "two_acqrel": {"BWD_MODE": "two_phase", "BWD_ATOMIC_SEM": "acq_rel"},
+    "two_ds_prefetch": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True},
+    "two_ds_n64": {"BWD_MODE": "two_phase", "BWD_DS_CONFIG": {"big": (64, 8, 1), "small": (16, 4, 1)}},
+    "two_ds_n64_prefetch": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True,
+                            "BWD_DS_CONFIG": {"big": (64, 8, 1), "small": (16, 4, 1)}},
+    "two_ds_h32_n64_w4_s2": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True,
+                             "BWD_DS_MAX_BLOCK_H": 32,
+                             "BWD_DS_CONFIG": {"big": (64, 4, 2), "small": (16, 4, 1)}},
+    "two_ds_h32_n64_w8_s2": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True,
+                             "BWD_DS_MAX_BLOCK_H": 32,
+                             "BWD_DS_CONFIG": {"big": (64, 8, 2), "small": (16, 4, 1)}},
+    "two_n64_dc128_w8": {"BWD_MODE": "two_phase",
+                         "BWD_DKV_CONFIG": {"big": (64, 128, 8, 2), "small": _SMALL_DKV}},
+    "two_n128_dc64_w8": {"BWD_MODE": "two_phase",
+                         "BWD_DKV_CONFIG": {"big": (128, 64, 8, 2), "small": _SMALL_DKV}},
+    "two_n64_dc64_s3": {"BWD_MODE": "two_phase",
+                        "BWD_DKV_CONFIG": {"big": (64, 64, 4, 3), "small": _SMALL_DKV}},
+    "two_n32_dc64": {"BWD_MODE": "two_phase",
+                     "BWD_DKV_CONFIG": {"big": (32, 64, 4, 2), "small": _SMALL_DKV}},
+    # dq formed by the second phase: the first keeps no [heads, d_qk] accumulator
+    "dq2_n64_w8": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                   "BWD_DS_CONFIG": {"big": (64, 8, 1), "small": (16, 4, 1)}},
+    "dq2_n64_w4": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                   "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)}},
+    "dq2_n64_w4_prefetch": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                            "BWD_DS_PREFETCH_IDX": True,
+                            "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)}},
+    "dq2_n32_w4_s2": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                      "BWD_DS_PREFETCH_IDX": True,
+                      "BWD_DS_CONFIG": {"big": (32, 4, 2), "small": (16, 4, 1)}},
+    "dq2_n64_w4_dc128": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                         "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
+                         "BWD_DKV_CONFIG": {"big": (64, 128, 8, 2), "small": _SMALL_DKV}},
+    "dq2_dc128_prefetch": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                           "BWD_DS_PREFETCH_IDX": True,
+                           "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
+                           "BWD_DKV_CONFIG": {"big": (64, 128, 8, 2), "small": _SMALL_DKV}},
+    "dq2_dc128_n32": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                      "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
+                      "BWD_DKV_CONFIG": {"big": (32, 128, 8, 2), "small": _SMALL_DKV}},
+    "dq2_dc128_s1": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                     "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
+                     "BWD_DKV_CONFIG": {"big": (64, 128, 8, 1), "small": _SMALL_DKV}},
+    "dq2_dc128_n128": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
+                       "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
+                       "BWD_DKV_CONFIG": {"big": (128, 128, 8, 1), "small": _SMALL_DKV}},
 }
+
+
+class _NoLaunch:
+    """Stands in for a kernel: [grid](...) launches nothing (times the other phase alone)."""
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
 
 VARIANTS = {
     # name: (forward?, module settings)
@@ -54,7 +106,8 @@ def time_backward(settings_name):
     for k, v in BWD_CANDIDATES.get(settings_name, {}).items():
         setattr(sp, k, v)
     torch.manual_seed(0)
-    s_q, h_q, d_qk, d_v, s_kv, topk = 4096, 128, 576, 512, 8192, 2048
+    s_q, h_q, d_qk, d_v, topk = 4096, 128, 576, 512, 2048
+    s_kv = int(os.environ.get("DIAG_S_KV", 8192))  # the benchmark's shape: 32768
     q = torch.randn(s_q, h_q, d_qk, device="cuda").bfloat16()
     kv = torch.randn(s_kv, 1, d_qk, device="cuda").bfloat16()
     idx = torch.argsort(torch.rand(s_q, s_kv, device="cuda"), dim=1)[:, :topk].int().view(s_q, 1, topk)
@@ -65,8 +118,13 @@ def time_backward(settings_name):
         fn = lambda: torch.ops.mla.sparse_prefill_backward(dout, dlse, q, kv, idx, out, lse,
                                                            scale, d_v, None, None)
         ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        phase1 = ""
+        if sp.BWD_MODE == "two_phase":
+            sp._bwd_dkv_kernel = _NoLaunch()
+            ms1 = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+            phase1 = f" (first phase alone {ms1:.2f} ms)"
     flops = 2.5 * 2 * s_q * h_q * topk * (d_qk + d_v)
-    print(f"time {settings_name}: {ms:.2f} ms = {flops / ms / 1e9:.1f} TFLOPS", flush=True)
+    print(f"time {settings_name} (s_kv {s_kv}): {ms:.2f} ms = {flops / ms / 1e9:.1f} TFLOPS{phase1}", flush=True)
 
 
 def run_one(name, small):

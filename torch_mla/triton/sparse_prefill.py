@@ -30,11 +30,13 @@ accumulates in registers. dK/dV rows go to an fp32 [s_kv, h_kv, d_qk] buffer thr
 ``tl.atomic_add`` (masked to valid entries, so duplicated indices and indices shared by several
 queries add up), cast to kv's dtype at the end; two ways (``BWD_MODE``):
   * "two_phase" (the default; groups of up to 128 heads per kv head): the kernel above, 64 heads
-    per program, writes the scaled dS and f * P of each block ([query, kv head, key position,
-    head] in q's dtype, the values the dK/dV GEMMs would use) to a scratch buffer; then
-    ``_bwd_dkv_kernel``, one program per (query, kv head, 64 columns of d_qk), keeps those
-    columns of q and dout on chip and computes dkv[idx_j] += dS^T q + (fP)^T dout summed over all
-    heads of the group: one atomic per (query, key, column). Queries run in chunks so the
+    per program on 4 warps, computes P and dS only and writes the scaled dS and f * P of each
+    block ([query, kv head, key position, head] in q's dtype, the values the GEMMs after it
+    would use) to a scratch buffer; then ``_bwd_dkv_kernel``, one program per (query, kv head,
+    128 columns of d_qk; the 64 RoPE columns in a second launch), keeps those columns of q and
+    dout on chip, gathers those columns of the selected keys, and forms both
+    dkv[idx_j] += dS^T q + (fP)^T dout (summed over all heads of the group on chip: one atomic
+    per (query, key, column)) and dq[:, cols] = dS K[:, cols]. Queries run in chunks so that the
     scratch stays under 512 MiB (1 MiB per query at h_q 128, topk 2048).
   * "fused": each program (32 heads) also computes its heads' dK/dV partial and adds it
     atomically: one atomic per (query, key, column) per head block. For larger groups.
@@ -61,12 +63,20 @@ Measured (H100 80GB HBM3, torch 2.11, triton 3.6; s_kv 8192, one randperm row se
 no sink / topk_length; triton.testing.do_bench median), against the targets of 280 / 200:
   forward  12.05 ms = 194 TFLOPS (69% of target, 24% of the 798 TFLOPS cuBLAS GEMM); in the
            benchmark (s_kv 32768, CUDA-graph replay) 177-184 TFLOPS, 0.28-0.30x FlashMLA.
-  backward (2026-11-25, s_kv 8192, tools/diag_sparse_prefill.py --time): two-phase 35.4 ms =
-           165 TFLOPS (second phase 64 keys x 64 columns, 4 warps; 36.8 ms at 128 columns,
-           37.7 ms at 256 columns and 8 warps; a 2-stage first phase 43.9 ms: it spills 126
-           registers). The fused kernel at 32 heads: 59.1 ms (99 TFLOPS). With Triton's default
-           acq_rel atomics instead of relaxed: 86.1 ms two-phase, 161 ms fused (an acq_rel
-           atomic orders every memory access around it; relaxed ones just add).
+  backward (2026-11-25, tools/diag_sparse_prefill.py --time; FLOPs counted as 2.5x forward):
+           two-phase, as configured below: 27.4 ms = 213 TFLOPS at s_kv 8192 (first phase alone
+           9.0 ms); 33.4 ms = 175 TFLOPS at the benchmark's s_kv 32768 (first phase 11.1 ms),
+           33.3 ms = 177 TFLOPS in the benchmark itself (CUDA-graph replay). The second phase is
+           the larger part: atomics and the per-column-chunk re-reads of dS / fP and K; at
+           32768 its fp32 dkv buffer (75 MB) no longer fits in L2. Steps that got there, at
+           s_kv 8192: the fused kernel (32 heads, Triton's default acq_rel atomics) 161 ms;
+           relaxed atomics 59.1 ms; two phases with dq in the first (64 heads, 8 warps) 35.4
+           ms, BLOCK_N 64 there 30.3 ms; dq moved to the second phase, which lets the first run
+           on 4 warps without a [64, 576] accumulator (9.5 ms instead of 19.2; with 8 warps both
+           warpgroups computed the same 64-row products) and 128-column chunks on 8 warps in
+           the second: 27.9 ms; index prefetch in the first: 27.4 ms. Slower: 64-column chunks
+           with dq in the second phase (34.5 ms), 32 or 128 keys per block (33.6 / 29.3 ms),
+           1 stage (29.6 ms). The fused kernel (groups over 128) with relaxed atomics: 59.1 ms.
            The 64-head fused form with dK/dV computed transposed was built wrongly by Triton 3.6
            (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in the transposed
            dot), hence 32 heads there; the two-phase kernels are sanitizer-clean.
@@ -75,10 +85,10 @@ accumulator [64, 512] alone takes 128 of the 255 registers of each of 256 thread
 stays at 32 (the QK^T wgmma of each warpgroup is then only 16 keys wide) and two pipeline stages
 of the [32, 576] gather plus Q use 144 KB of shared memory (one program per SM); Triton does not
 overlap the softmax of one block with the GEMMs of the next (no warp specialisation on Hopper in
-3.6). The backward's first phase is a forward with one more GEMM (dO V^T) and dq in place of the
-output (176 KB of shared memory, 30-46 spilled registers); its second phase reads 1 MiB of dS
-and fP per query (once per 64-column program, mostly from L2) and sends s_q x topk x 576 fp32
-values to the atomics.
+3.6). The backward's first phase is the forward's two GEMMs (QK^T, dO V^T) with no accumulator;
+its second phase reads 1 MiB of dS and fP per query once per 128-column program (mostly from
+L2), gathers the keys again (per column chunk), and sends s_q x topk x 576 fp32 values to the
+atomics (19.3 GB at s_q 4096, topk 2048).
 """
 
 from __future__ import annotations
@@ -110,19 +120,24 @@ BWD_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 2), "small": (16, 
 # program Triton 3.6 built the transposed form reading shared memory out of bounds (H100,
 # compute-sanitizer, 2026-11-25).
 BWD_DK_TRANSPOSED = False
-# Most heads per backward program (64 = one program per 64-head group, as the forward).
+# Most heads per program of the fused backward.
 BWD_MAX_BLOCK_H = 32
-# "two_phase": dq with dS / f*P to a scratch buffer, then dK/dV reduced over the heads on chip
-# (_backward_two_phase; groups of up to BWD_MAX_G heads per kv head); "fused": one kernel, one
-# atomic dK/dV partial per head block (any group).
+# "two_phase": dS / f*P to a scratch buffer, then dK/dV (reduced over the heads on chip) and dq
+# (_backward_two_phase; groups of up to BWD_MAX_G heads per kv head); "fused": one kernel, dq
+# and one atomic dK/dV partial per head block (any group).
 BWD_MODE = "two_phase"
 BWD_MAX_G = 128
 BWD_SCRATCH_BYTES = 512 << 20
-# first phase, 64 heads per program: (BLOCK_N, num_warps, num_stages)
-BWD_DS_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (32, 8, 1), "small": (16, 4, 1)}
+# first phase: most heads per program, and (BLOCK_N, num_warps, num_stages). Timings of the
+# alternatives are in the module docstring.
+BWD_DS_MAX_BLOCK_H = 64
+BWD_DS_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (64, 4, 1), "small": (16, 4, 1)}
 # second phase: (BLOCK_N keys, DC columns, num_warps, num_stages)
-BWD_DKV_CONFIG: Dict[str, Tuple[int, int, int, int]] = {"big": (64, 64, 4, 2),
+BWD_DKV_CONFIG: Dict[str, Tuple[int, int, int, int]] = {"big": (64, 128, 8, 2),
                                                         "small": (16, 64, 4, 1)}
+# dq in the second phase (dS K per column chunk, keys gathered there) instead of the first:
+# 27.9 vs 30.3 ms on the H100 (the first phase then needs no [64, d_qk] accumulator).
+BWD_DQ_IN_PHASE2 = True
 # The dK/dV partial sums are read only after the kernel ends: no ordering is needed between the
 # atomics ("relaxed"; Triton's default is "acq_rel").
 BWD_ATOMIC_SEM = "relaxed"
@@ -132,7 +147,8 @@ BWD_ATOMIC_SEM = "relaxed"
 # dK) ended in an illegal memory access whose cause is not found (the interpreter finds it
 # correct; the same kernel without the prefetch ran and matched the reference).
 PREFETCH_IDX = True
-BWD_PREFETCH_IDX = False
+BWD_PREFETCH_IDX = False  # the fused backward kernel
+BWD_DS_PREFETCH_IDX = True  # the two-phase backward's first phase (9.05 vs 9.47 ms on the H100)
 
 MAX_D_V = 512
 MAX_D_TAIL = 128
@@ -247,7 +263,8 @@ def _bwd_kernel(
     D_V: tl.constexpr, D_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr,
-    DK_T: tl.constexpr, PREFETCH_IDX: tl.constexpr, STORE_DS: tl.constexpr, G: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
+    DK_T: tl.constexpr, PREFETCH_IDX: tl.constexpr, STORE_DS: tl.constexpr, G: tl.constexpr,
+    DO_DQ: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -293,9 +310,10 @@ def _bwd_kernel(
     kv_head = KV + kvh * stride_kvh
     dkv_head = DKV + kvh * stride_dkvh
 
-    dq = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    if HAS_TAIL:
-        dqt = tl.zeros([BLOCK_H, BLOCK_DT], tl.float32)
+    if DO_DQ:  # else the second phase computes dq (BWD_DQ_IN_PHASE2)
+        dq = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+        if HAS_TAIL:
+            dqt = tl.zeros([BLOCK_H, BLOCK_DT], tl.float32)
     if PREFETCH_IDX:
         idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
     for start in range(0, n_keys, BLOCK_N):
@@ -321,9 +339,10 @@ def _bwd_kernel(
         dp = _mm(do, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
         ds = p * (f[:, None] * (dp - delta[:, None]) + dl[:, None])
         ds_lo = (ds * sm_scale).to(k.dtype)
-        dq = _mm(ds_lo, k, dq, DOT_F32)
-        if HAS_TAIL:
-            dqt = _mm(ds_lo, kt, dqt, DOT_F32)
+        if DO_DQ:
+            dq = _mm(ds_lo, k, dq, DOT_F32)
+            if HAS_TAIL:
+                dqt = _mm(ds_lo, kt, dqt, DOT_F32)
         pf_lo = (p * f[:, None]).to(k.dtype)
         if STORE_DS:
             # two-phase backward: this block's scaled dS and f * P, [key position, head] per
@@ -369,29 +388,30 @@ def _bwd_kernel(
                     tl.atomic_add(dkv_rows + D_V + offs_t[None, :], dkt,
                                   mask=valid[:, None] & (offs_t[None, :] < D_T), sem=ATOMIC_SEM)
 
-    dq_rows = DQ + pid_s * stride_dqs + head[:, None] * stride_dqh
-    if BLOCK_DV == D_V:
-        tl.store(dq_rows + offs_v[None, :], dq.to(DQ.dtype.element_ty), mask=hmask[:, None])
-    else:
-        tl.store(dq_rows + offs_v[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=hmask[:, None] & (offs_v[None, :] < D_V))
-    if HAS_TAIL:
-        if BLOCK_DT == D_T:
-            tl.store(dq_rows + D_V + offs_t[None, :], dqt.to(DQ.dtype.element_ty),
-                     mask=hmask[:, None])
+    if DO_DQ:
+        dq_rows = DQ + pid_s * stride_dqs + head[:, None] * stride_dqh
+        if BLOCK_DV == D_V:
+            tl.store(dq_rows + offs_v[None, :], dq.to(DQ.dtype.element_ty), mask=hmask[:, None])
         else:
-            tl.store(dq_rows + D_V + offs_t[None, :], dqt.to(DQ.dtype.element_ty),
-                     mask=hmask[:, None] & (offs_t[None, :] < D_T))
+            tl.store(dq_rows + offs_v[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=hmask[:, None] & (offs_v[None, :] < D_V))
+        if HAS_TAIL:
+            if BLOCK_DT == D_T:
+                tl.store(dq_rows + D_V + offs_t[None, :], dqt.to(DQ.dtype.element_ty),
+                         mask=hmask[:, None])
+            else:
+                tl.store(dq_rows + D_V + offs_t[None, :], dqt.to(DQ.dtype.element_ty),
+                         mask=hmask[:, None] & (offs_t[None, :] < D_T))
 
 
 @triton.jit
 def _bwd_dkv_kernel(
-    Q, DO, IDX, LENS, DS, PF, DKV,
-    stride_qs, stride_qh, stride_dos, stride_doh, stride_is, stride_ih,
-    stride_dss, stride_dsh, stride_dkvs, stride_dkvh,
+    Q, KV, DO, IDX, LENS, DS, PF, DKV, DQ,
+    stride_qs, stride_qh, stride_kvs, stride_kvh, stride_dos, stride_doh, stride_is, stride_ih,
+    stride_dss, stride_dsh, stride_dkvs, stride_dkvh, stride_dqs, stride_dqh,
     s_kv, topk, group, col0, col_end, n_chunks,
     G: tl.constexpr, DC: tl.constexpr, BLOCK_N: tl.constexpr, USE_DO: tl.constexpr,
-    HAS_LEN: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
+    DO_DQ: tl.constexpr, HAS_LEN: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Second phase of the two-phase backward: for one query, one kv head and the columns
     [c0, c0 + DC) of d_qk (c0 = col0 + chunk * DC, clipped at col_end), the dK/dV rows of every
@@ -399,7 +419,9 @@ def _bwd_dkv_kernel(
         dkv[idx_j, c] += sum_h dS[h, j] * q[h, c]  (+ sum_h fP[h, j] * dout[h, c], c < d_v),
     then one atomic add per (query, key, column): the fused kernel sends one per head block.
     q's and dout's columns stay in registers / shared memory for the whole loop; dS and fP come
-    from the first phase's scratch ([query, kv head, key position, head], in q's dtype)."""
+    from the first phase's scratch ([query, kv head, key position, head], in q's dtype).
+    With DO_DQ it also gathers those columns of the keys and forms dq[:, c] = dS K[:, c]: the
+    first phase then keeps no [heads, d_qk] accumulator."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
     kvh = pid_c // n_chunks
@@ -423,6 +445,9 @@ def _bwd_dkv_kernel(
     idx_row = IDX + pid_s * stride_is + kvh * stride_ih
     ds_base = pid_s * stride_dss + kvh * stride_dsh
     dkv_cols = DKV + kvh * stride_dkvh + offs_c[None, :]
+    if DO_DQ:
+        dq = tl.zeros([G, DC], tl.float32)
+        kv_cols = KV + kvh * stride_kvh + offs_c[None, :]
     for start in range(0, n_keys, BLOCK_N):
         pos = start + offs_n
         in_len = pos < n_keys
@@ -435,8 +460,16 @@ def _bwd_dkv_kernel(
         if USE_DO:
             pf = tl.load(PF + at, mask=ld_mask, other=0.0)
             acc = _mm(pf, do, acc, DOT_F32)
-        tl.atomic_add(dkv_cols + idx.to(tl.int64)[:, None] * stride_dkvs, acc,
-                      mask=valid[:, None] & c_ok[None, :], sem=ATOMIC_SEM)
+        idx64 = idx.to(tl.int64)[:, None]
+        if DO_DQ:
+            k = tl.load(kv_cols + idx64 * stride_kvs, mask=valid[:, None] & c_ok[None, :],
+                        other=0.0)  # [BLOCK_N, DC]
+            dq = _mm(tl.trans(ds), k, dq, DOT_F32)
+        tl.atomic_add(dkv_cols + idx64 * stride_dkvs, acc, mask=valid[:, None] & c_ok[None, :],
+                      sem=ATOMIC_SEM)
+    if DO_DQ:
+        tl.store(DQ + pid_s * stride_dqs + head[:, None] * stride_dqh + offs_c[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 def _blocks(q: torch.Tensor, kv: torch.Tensor, d_v: int, max_block_h: int = 64):
@@ -513,7 +546,7 @@ def sparse_prefill_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v,
 
 
 def _bwd_launch(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, topk_length, attn_sink, dq,
-                dkv_acc, dsink_part, ds, pf, block_h_max, config):
+                dkv_acc, dsink_part, ds, pf, block_h_max, config, prefetch_idx):
     """One launch of _bwd_kernel over the queries of q (a slice of them in the two-phase mode)."""
     s_q, h_q, _ = q.shape
     s_kv, h_kv, _ = kv.shape
@@ -536,15 +569,17 @@ def _bwd_launch(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, topk_length
         D_V=d_v, D_T=d_t, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=block_dv,
         BLOCK_DT=block_dt, HAS_TAIL=d_t > 0, HAS_LEN=topk_length is not None,
         HAS_SINK=attn_sink is not None, DK_T=BWD_DK_TRANSPOSED,
-        PREFETCH_IDX=BWD_PREFETCH_IDX, STORE_DS=store_ds,
-        G=ds.shape[-1] if store_ds else 16, ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32,
+        PREFETCH_IDX=prefetch_idx, STORE_DS=store_ds,
+        G=ds.shape[-1] if store_ds else 16, DO_DQ=not (store_ds and BWD_DQ_IN_PHASE2),
+        ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32,
         num_warps=num_warps, num_stages=num_stages,
     )
 
 
 def _backward_fused(kv, sm_scale, d_v, *args):
     """dq and the dK/dV partials of each head block in one kernel (any group size)."""
-    _bwd_launch(kv, sm_scale, d_v, *args, None, None, BWD_MAX_BLOCK_H, BWD_CONFIG)
+    _bwd_launch(kv, sm_scale, d_v, *args, None, None, BWD_MAX_BLOCK_H, BWD_CONFIG,
+                BWD_PREFETCH_IDX)
 
 
 def _backward_two_phase(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, topk_length,
@@ -576,16 +611,19 @@ def _backward_two_phase(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, top
         lens = topk_length[sl] if topk_length is not None else None
         dsink = dsink_part[sl] if dsink_part is not None else None
         _bwd_launch(kv, sm_scale, d_v, dout[sl], dlse[sl], q[sl], indices[sl], out[sl], lse[sl],
-                    lens, attn_sink, dq[sl], dkv_acc, dsink, ds, pf, 64, BWD_DS_CONFIG)
-        qs, dos, idx = q[sl], dout[sl], indices[sl]
+                    lens, attn_sink, dq[sl], dkv_acc, dsink, ds, pf, BWD_DS_MAX_BLOCK_H,
+                    BWD_DS_CONFIG, BWD_DS_PREFETCH_IDX)
+        qs, dos, idx, dqs = q[sl], dout[sl], indices[sl], dq[sl]
         for col0, col_end, width, use_do in passes:
             n_chunks = triton.cdiv(col_end - col0, width)
             _bwd_dkv_kernel[(h_kv * n_chunks, s1 - s0)](
-                qs, dos, idx, lens if lens is not None else idx, ds, pf, dkv_acc,
-                qs.stride(0), qs.stride(1), dos.stride(0), dos.stride(1), idx.stride(0),
-                idx.stride(1), ds.stride(0), ds.stride(1), dkv_acc.stride(0), dkv_acc.stride(1),
+                qs, kv, dos, idx, lens if lens is not None else idx, ds, pf, dkv_acc, dqs,
+                qs.stride(0), qs.stride(1), kv.stride(0), kv.stride(1), dos.stride(0),
+                dos.stride(1), idx.stride(0), idx.stride(1), ds.stride(0), ds.stride(1),
+                dkv_acc.stride(0), dkv_acc.stride(1), dqs.stride(0), dqs.stride(1),
                 s_kv, topk, group, col0, col_end, n_chunks,
-                G=g, DC=width, BLOCK_N=block_n, USE_DO=use_do, HAS_LEN=lens is not None,
+                G=g, DC=width, BLOCK_N=block_n, USE_DO=use_do, DO_DQ=BWD_DQ_IN_PHASE2,
+                HAS_LEN=lens is not None,
                 ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32, num_warps=num_warps,
                 num_stages=num_stages,
             )
