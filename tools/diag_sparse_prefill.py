@@ -12,69 +12,43 @@ import subprocess
 import sys
 
 # Backward candidates that compile within shared memory under Triton 3.6 (tools/
-# triton_compile_check.py); "bwd" is the module's default.
-_FUSED = {"BWD_MODE": "fused", "BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False}
-_SMALL_DKV = (16, 64, 4, 1)
+# triton_compile_check.py), each with every setting it depends on, so that a name means the same
+# configuration whatever the module's defaults; "bwd" / "default" are the module's defaults.
+def _ds(n, w, s):  # first phase (fused mode: the kernel): (BLOCK_N, num_warps, num_stages)
+    return {"big": (n, w, s), "small": (16, 4, 1)}
+
+
+def _dkv(n, dc, w, s):  # second phase: (BLOCK_N keys, DC columns, num_warps, num_stages)
+    return {"big": (n, dc, w, s), "small": (16, 64, 4, 1)}
+
+
+_FUSED = {"BWD_MODE": "fused", "BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
+          "BWD_PREFETCH_IDX": False, "BWD_ATOMIC_SEM": "relaxed", "BWD_CONFIG": _ds(32, 8, 2)}
+# two phases, dq formed by the first (64 heads a program)
+_DQ1 = {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": False, "BWD_DS_PREFETCH_IDX": False,
+        "BWD_ATOMIC_SEM": "relaxed", "BWD_DS_MAX_BLOCK_H": 64, "BWD_DS_CONFIG": _ds(32, 8, 1),
+        "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2)}
+# two phases, dq formed by the second: the module's default (c79f1d1)
+_DQ2 = {**_DQ1, "BWD_DQ_IN_PHASE2": True, "BWD_DS_PREFETCH_IDX": True,
+        "BWD_DS_CONFIG": _ds(64, 4, 1), "BWD_DKV_CONFIG": _dkv(64, 128, 8, 2)}
 BWD_CANDIDATES = {
-    "fused_n32_s2": {**_FUSED, "BWD_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)}},
-    "fused_n32_s2_acqrel": {**_FUSED, "BWD_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)},
-                            "BWD_ATOMIC_SEM": "acq_rel"},
-    # two-phase: first phase (BLOCK_N, warps, stages), second (BLOCK_N, DC, warps, stages)
-    "two_n64_dc128_w4": {"BWD_MODE": "two_phase",
-                         "BWD_DKV_CONFIG": {"big": (64, 128, 4, 2), "small": _SMALL_DKV}},
-    "two_n128_dc128_w8": {"BWD_MODE": "two_phase",
-                          "BWD_DKV_CONFIG": {"big": (128, 128, 8, 1), "small": _SMALL_DKV}},
-    "two_n64_dc64_w4": {"BWD_MODE": "two_phase",
-                        "BWD_DKV_CONFIG": {"big": (64, 64, 4, 2), "small": _SMALL_DKV}},
-    "two_n64_dc256_w8": {"BWD_MODE": "two_phase",
-                         "BWD_DKV_CONFIG": {"big": (64, 256, 8, 1), "small": _SMALL_DKV}},
-    "two_ds_s2": {"BWD_MODE": "two_phase", "BWD_DS_CONFIG": {"big": (32, 8, 2), "small": (16, 4, 1)}},
-    "two_acqrel": {"BWD_MODE": "two_phase", "BWD_ATOMIC_SEM": "acq_rel"},
-    "two_ds_prefetch": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True},
-    "two_ds_n64": {"BWD_MODE": "two_phase", "BWD_DS_CONFIG": {"big": (64, 8, 1), "small": (16, 4, 1)}},
-    "two_ds_n64_prefetch": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True,
-                            "BWD_DS_CONFIG": {"big": (64, 8, 1), "small": (16, 4, 1)}},
-    "two_ds_h32_n64_w4_s2": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True,
-                             "BWD_DS_MAX_BLOCK_H": 32,
-                             "BWD_DS_CONFIG": {"big": (64, 4, 2), "small": (16, 4, 1)}},
-    "two_ds_h32_n64_w8_s2": {"BWD_MODE": "two_phase", "BWD_DS_PREFETCH_IDX": True,
-                             "BWD_DS_MAX_BLOCK_H": 32,
-                             "BWD_DS_CONFIG": {"big": (64, 8, 2), "small": (16, 4, 1)}},
-    "two_n64_dc128_w8": {"BWD_MODE": "two_phase",
-                         "BWD_DKV_CONFIG": {"big": (64, 128, 8, 2), "small": _SMALL_DKV}},
-    "two_n128_dc64_w8": {"BWD_MODE": "two_phase",
-                         "BWD_DKV_CONFIG": {"big": (128, 64, 8, 2), "small": _SMALL_DKV}},
-    "two_n64_dc64_s3": {"BWD_MODE": "two_phase",
-                        "BWD_DKV_CONFIG": {"big": (64, 64, 4, 3), "small": _SMALL_DKV}},
-    "two_n32_dc64": {"BWD_MODE": "two_phase",
-                     "BWD_DKV_CONFIG": {"big": (32, 64, 4, 2), "small": _SMALL_DKV}},
-    # dq formed by the second phase: the first keeps no [heads, d_qk] accumulator
-    "dq2_n64_w8": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                   "BWD_DS_CONFIG": {"big": (64, 8, 1), "small": (16, 4, 1)}},
-    "dq2_n64_w4": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                   "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)}},
-    "dq2_n64_w4_prefetch": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                            "BWD_DS_PREFETCH_IDX": True,
-                            "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)}},
-    "dq2_n32_w4_s2": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                      "BWD_DS_PREFETCH_IDX": True,
-                      "BWD_DS_CONFIG": {"big": (32, 4, 2), "small": (16, 4, 1)}},
-    "dq2_n64_w4_dc128": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                         "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
-                         "BWD_DKV_CONFIG": {"big": (64, 128, 8, 2), "small": _SMALL_DKV}},
-    "dq2_dc128_prefetch": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                           "BWD_DS_PREFETCH_IDX": True,
-                           "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
-                           "BWD_DKV_CONFIG": {"big": (64, 128, 8, 2), "small": _SMALL_DKV}},
-    "dq2_dc128_n32": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                      "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
-                      "BWD_DKV_CONFIG": {"big": (32, 128, 8, 2), "small": _SMALL_DKV}},
-    "dq2_dc128_s1": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                     "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
-                     "BWD_DKV_CONFIG": {"big": (64, 128, 8, 1), "small": _SMALL_DKV}},
-    "dq2_dc128_n128": {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": True,
-                       "BWD_DS_CONFIG": {"big": (64, 4, 1), "small": (16, 4, 1)},
-                       "BWD_DKV_CONFIG": {"big": (128, 128, 8, 1), "small": _SMALL_DKV}},
+    "fused_n32_s2": _FUSED,
+    "fused_n32_s2_acqrel": {**_FUSED, "BWD_ATOMIC_SEM": "acq_rel"},
+    "dq1": _DQ1,
+    "dq1_acqrel": {**_DQ1, "BWD_ATOMIC_SEM": "acq_rel"},
+    "dq1_ds_n64": {**_DQ1, "BWD_DS_CONFIG": _ds(64, 8, 1)},
+    "dq1_ds_s2": {**_DQ1, "BWD_DS_CONFIG": _ds(32, 8, 2)},
+    "dq1_ds_prefetch": {**_DQ1, "BWD_DS_PREFETCH_IDX": True},
+    "dq1_dc128_w4": {**_DQ1, "BWD_DKV_CONFIG": _dkv(64, 128, 4, 2)},
+    "dq1_dc256_w8": {**_DQ1, "BWD_DKV_CONFIG": _dkv(64, 256, 8, 1)},
+    "dq2": _DQ2,
+    "dq2_no_prefetch": {**_DQ2, "BWD_DS_PREFETCH_IDX": False},
+    "dq2_dc64_w4": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2)},
+    "dq2_ds_w8": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DS_CONFIG": _ds(64, 8, 1),
+                  "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2)},
+    "dq2_n32": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(32, 128, 8, 2)},
+    "dq2_n128": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(128, 128, 8, 1)},
+    "dq2_s1": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(64, 128, 8, 1)},
 }
 
 
@@ -83,6 +57,7 @@ class _NoLaunch:
 
     def __getitem__(self, grid):
         return lambda *a, **k: None
+
 
 VARIANTS = {
     # name: (forward?, module settings)
