@@ -68,7 +68,9 @@ no sink / topk_length; triton.testing.do_bench median), against the targets of 2
            9.0 ms); 33.4 ms = 175 TFLOPS at the benchmark's s_kv 32768 (first phase 11.1 ms),
            33.3 ms = 177 TFLOPS in the benchmark itself (CUDA-graph replay). The second phase is
            the larger part: atomics and the per-column-chunk re-reads of dS / fP and K; at
-           32768 its fp32 dkv buffer (75 MB) no longer fits in L2. Steps that got there, at
+           32768 its fp32 dkv buffer (75 MB) no longer fits in L2, but that is not what costs
+           the extra time: second-phase launches of 256 or 128 value columns each (atomics'
+           working set 38 / 19 MB, dS / fP read again per launch) took 32.9 / 33.6 ms. Steps that got there, at
            s_kv 8192: the fused kernel (32 heads, Triton's default acq_rel atomics) 161 ms;
            relaxed atomics 59.1 ms; two phases with dq in the first (64 heads, 8 warps) 35.4
            ms, BLOCK_N 64 there 30.3 ms; dq moved to the second phase, which lets the first run
