@@ -6,6 +6,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <cuda_runtime.h>
@@ -230,8 +231,18 @@ TMLA_API int tmla_sparse_decode(const tmla_sparse_decode_params* p, void* stream
     if (e != cudaSuccess) return cuda_fail(e, "decode_schedule launch", err, err_len);
   }
 
-  e = layout == TMLA_LAYOUT_V32 ? tmla::sm90::launch_sparse_decode<TMLA_LAYOUT_V32>(a, stream)
-                                : tmla::sm90::launch_sparse_decode<TMLA_LAYOUT_MODEL1>(a, stream);
+  // The pipelined main loop is experimental (compiled, not yet verified on a GPU): it runs only
+  // when TORCH_MLA_NATIVE_DECODE_PIPELINE=1 is set (read at every call, so tests can switch).
+  const char* pipe_env = std::getenv("TORCH_MLA_NATIVE_DECODE_PIPELINE");
+  const bool pipe = pipe_env != nullptr && std::strcmp(pipe_env, "1") == 0;
+  using tmla::sm90::launch_sparse_decode;
+  if (layout == TMLA_LAYOUT_V32) {
+    e = pipe ? launch_sparse_decode<TMLA_LAYOUT_V32, true>(a, stream)
+             : launch_sparse_decode<TMLA_LAYOUT_V32, false>(a, stream);
+  } else {
+    e = pipe ? launch_sparse_decode<TMLA_LAYOUT_MODEL1, true>(a, stream)
+             : launch_sparse_decode<TMLA_LAYOUT_MODEL1, false>(a, stream);
+  }
   if (e != cudaSuccess) return cuda_fail(e, "sparse_decode launch", err, err_len);
   e = tmla::launch_decode_combine(a, stream);
   if (e != cudaSuccess) return cuda_fail(e, "sparse_decode combine launch", err, err_len);

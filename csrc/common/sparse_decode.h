@@ -68,8 +68,9 @@ cudaError_t launch_decode_schedule(const SparseDecodeArgs& a, int* metadata, int
 cudaError_t launch_decode_combine(const SparseDecodeArgs& a, cudaStream_t stream);
 
 namespace sm90 {
-// layout: TMLA_LAYOUT_V32 or TMLA_LAYOUT_MODEL1 (one instantiation per translation unit).
-template <int LAYOUT>
+// layout: TMLA_LAYOUT_V32 or TMLA_LAYOUT_MODEL1; pipelined: the main-loop variant (config.h).
+// One instantiation per translation unit.
+template <int LAYOUT, bool PIPELINED>
 cudaError_t launch_sparse_decode(const SparseDecodeArgs& a, cudaStream_t stream);
 }  // namespace sm90
 

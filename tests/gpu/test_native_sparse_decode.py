@@ -44,6 +44,16 @@ def native_library():
     return lib
 
 
+# Every test runs on both main-loop variants of the kernel (csrc/sm90/sparse_decode/config.h):
+# the library reads TORCH_MLA_NATIVE_DECODE_PIPELINE at every call.
+@pytest.fixture(params=["serial", "pipelined"], autouse=True)
+def main_loop(request, monkeypatch):
+    if request.param == "pipelined":
+        monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_PIPELINE", "1")
+    else:
+        monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_PIPELINE", raising=False)
+    return request.param
+
 
 def _poison_allocator():
     poison_cuda_allocator(384)
