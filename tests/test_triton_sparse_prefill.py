@@ -138,6 +138,8 @@ CASES = [
     pytest.param(3, 40, 128, 1, 32, 16, 40, torch.bfloat16, "inf", True, id="two_head_blocks"),
     pytest.param(2, 64, 16, 1, 576, 512, 80, torch.bfloat16, "inf", True, id="d576_v512"),
     pytest.param(2, 64, 16, 1, 512, 512, 64, torch.bfloat16, "finite", False, id="d512_v512"),
+    # 256 heads on one kv head: past the two-phase backward's 128, so the fused kernel runs
+    pytest.param(2, 30, 256, 1, 32, 16, 24, torch.bfloat16, "finite", True, id="group256_fused"),
 ]
 
 
