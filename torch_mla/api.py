@@ -57,6 +57,11 @@ def sparse_prefill(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: Optional[fl
         ``out [s_q, h_q, d_v]`` (q's dtype), ``max_logits [s_q, h_q]`` f32 and ``lse [s_q, h_q]``
         f32 (f64 for f64 q), both of the scaled logits, natural log. A query with no valid key gets out 0,
         max_logits -inf and lse +inf. Gradients reach q, kv and attn_sink from out and lse.
+
+    Memory of the backward on a GPU (Triton): beside dq and dkv, an fp32 ``[s_kv, h_kv, d_qk]``
+    accumulator for dkv (keys shared by many queries add up atomically, so the sums are not
+    bitwise reproducible run to run) and, for up to 128 heads per kv head, a scratch buffer of
+    at most 512 MiB (2 bytes x 2 x h_q x topk per query, queries processed in chunks).
     """
     return torch.ops.mla.sparse_prefill(*_sparse_prefill_args(
         q, kv, indices, sm_scale, d_v, attn_sink, topk_length))
