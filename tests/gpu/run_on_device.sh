@@ -14,8 +14,10 @@
 # does not know this session's commits (a `git stash` there stashed committed files): to run
 # exactly a commit, `git archive -o .cache/tree.tar HEAD` here and start the command with
 # `tar xf .cache/tree.tar;`.
-# Results land in $OUT: gpu_tests.txt (pytest), bench/results.{md,json,png}, bench.txt,
-# triton_cache.tgz. STEPS="tests" or "bench" runs one half; GPU_TEST_FILES picks test files.
+# Results land in $OUT: gpu_tests.txt (pytest), sanitize.txt, bench/results.{md,json,png},
+# bench.txt, triton_cache.tgz. STEPS picks the parts (default "tests bench"; "sanitize" runs
+# compute-sanitizer memcheck and racecheck over the native sparse_decode kernels, both main
+# loops); GPU_TEST_FILES picks test files.
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 steps=${STEPS:-tests bench}
@@ -29,6 +31,17 @@ if [[ " $steps " == *" tests "* ]]; then
     (cd "$repo/tests" && PYTHONPATH="$PYTHONPATH$peer" timeout ${FILE_TIMEOUT:-300} \
       python3 -m pytest -q -p no:cacheprovider -rfE --tb=short "$f" "$@" 2>&1 \
       | tee -a "$out/gpu_tests.txt")
+  done
+fi
+if [[ " $steps " == *" sanitize "* ]]; then
+  : > "$out/sanitize.txt"
+  for pipe in 0 1; do
+    for tool in memcheck racecheck; do
+      echo "=== $tool, TORCH_MLA_NATIVE_DECODE_PIPELINE=$pipe" | tee -a "$out/sanitize.txt"
+      (cd "$repo/tests" && TORCH_MLA_NATIVE_DECODE_PIPELINE=$pipe timeout ${FILE_TIMEOUT:-300} \
+        compute-sanitizer --tool $tool --kernel-name kns=decode python3 gpu/sanitize_native.py \
+        2>&1 | tail -5 | tee -a "$out/sanitize.txt")
+    done
   done
 fi
 if [[ " $steps " == *" bench "* ]]; then
