@@ -585,6 +585,23 @@ def test_indexer_scores_forward_backward_match_float64(dtype, tol, gen):
         assert err < tol, err
 
 
+def test_indexer_scores_backward_alerts_in_deterministic_mode(gen):
+    # dk sums with atomics: raise under torch.use_deterministic_algorithms(True), as PyTorch's
+    # own nondeterministic ops do; the forward (no atomics) runs
+    q = torch.randn(3, 4, 32, generator=gen).requires_grad_()
+    k = torch.randn(10, 32, generator=gen).requires_grad_()
+    w = torch.randn(3, 4, generator=gen)
+    idx = _indices((3, 16), 10, gen)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch_mla.use_backend("triton"):
+            out = torch_mla.indexer_scores(q, k, w, idx)
+            with pytest.raises(RuntimeError, match="not bitwise reproducible"):
+                torch.autograd.grad(torch.where(torch.isinf(out), 0.0, out).sum(), (q, k))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def attn64(q, kv, idx, lse, sm_scale, valid):
     rows = kv[:, 0].double()[idx.long().clamp(0, kv.shape[0] - 1)]  # [s_q, n, d]
     s = torch.einsum("thd,tnd->thn", q.double(), rows) * sm_scale - lse.double()[..., None]

@@ -324,3 +324,25 @@ def test_two_piece_second_phase_d576(monkeypatch, plan, expect):
     g, e = backward_both(args, got, exp)
     check_backward(g, e, args)
     assert launches == [expect]  # one launch per query chunk
+
+
+@pytest.fixture
+def deterministic_mode():
+    def set_mode(warn_only):
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    yield set_mode
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_mode_refuses_the_atomic_backward(deterministic_mode):
+    # dkv sums with atomics: like PyTorch's own nondeterministic ops, raise under
+    # torch.use_deterministic_algorithms(True), warn with warn_only; the reference is exact
+    args = make_case(2, 30, 16, 1, 32, 16, 24, sink="finite", use_len=True)
+    got, exp = forward_both(args)
+    deterministic_mode(False)
+    with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+        backward_both(args, got, exp)
+    deterministic_mode(True)
+    with pytest.warns(UserWarning, match="not bitwise reproducible"):
+        g, e = backward_both(args, got, exp)
+    check_backward(g, e, args)

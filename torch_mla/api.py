@@ -60,8 +60,10 @@ def sparse_prefill(q: Tensor, kv: Tensor, indices: Tensor, sm_scale: Optional[fl
 
     Memory of the backward on a GPU (Triton): beside dq and dkv, an fp32 ``[s_kv, h_kv, d_qk]``
     accumulator for dkv (keys shared by many queries add up atomically, so the sums are not
-    bitwise reproducible run to run) and, for up to 128 heads per kv head, a scratch buffer of
-    at most 512 MiB (2 bytes x 2 x h_q x topk per query, queries processed in chunks).
+    bitwise reproducible run to run; under ``torch.use_deterministic_algorithms(True)`` that
+    backward raises, or warns with ``warn_only=True``, and the reference backend is the
+    deterministic one) and, for up to 128 heads per kv head, a scratch buffer of at most 512 MiB
+    (2 bytes x 2 x h_q x topk per query, queries processed in chunks).
     """
     return torch.ops.mla.sparse_prefill(*_sparse_prefill_args(
         q, kv, indices, sm_scale, d_v, attn_sink, topk_length))

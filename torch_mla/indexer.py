@@ -197,7 +197,10 @@ def indexer_scores(q: Tensor, k: Tensor, weights: Tensor, indices: Tensor) -> Te
 
     Returns:
         ``[s_q, topk]`` f32 (f64 for f64 q): ``sum_h weights * ReLU(q . k[idx])``, -inf where
-        invalid. Gradients reach q, k and weights.
+        invalid. Gradients reach q, k and weights. On a GPU (Triton) the gradient of k adds
+        up with atomics: not bitwise reproducible, so under
+        ``torch.use_deterministic_algorithms(True)`` it raises (warns with ``warn_only``); the
+        reference backend is deterministic.
     """
     return torch.ops.mla.indexer_scores(*_indexer_scores_args(q, k, weights, indices))
 

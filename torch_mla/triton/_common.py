@@ -20,6 +20,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_F32 = INTERPRET  # pass as a tl.constexpr to every kernel that calls tl.dot
 
 
+def alert_not_deterministic(what: str) -> None:
+    """PyTorch's rule for an op without a deterministic implementation (as its own CUDA
+    index_add_ or scatter_add_ follow it): under ``torch.use_deterministic_algorithms(True)``
+    raise, or warn with ``warn_only=True``. Called by kernels that sum with atomic adds, whose
+    float results depend on the order the additions land in."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"torch_mla: {what} adds partial sums with atomics, so its result is not bitwise "
+           "reproducible, and torch.use_deterministic_algorithms(True) is on. The reference "
+           "backend is deterministic (torch_mla.use_backend('reference'), slow on large "
+           "shapes); or pass warn_only=True to torch.use_deterministic_algorithms.")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
+
+
 def first_tensor(args: Sequence) -> torch.Tensor:
     for a in args:
         if isinstance(a, torch.Tensor):

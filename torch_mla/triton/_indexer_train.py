@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import register
-from ._common import DOT_F32, INTERPRET
+from ._common import DOT_F32, INTERPRET, alert_not_deterministic
 from ._indexer_common import pow2
 
 LOG2E = 1.4426950408889634
@@ -174,6 +174,7 @@ def indexer_scores_backward(grad, q, k, weights, indices):
     dw = torch.empty_like(weights)
     if s_q == 0 or topk == 0 or s_k == 0:
         return dq.zero_(), torch.zeros_like(k), dw.zero_()
+    alert_not_deterministic("the Triton indexer_scores backward (dk)")
     dk = torch.zeros((s_k, d), dtype=torch.float32, device=k.device)
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     _scores_bwd_kernel[(s_q,)](

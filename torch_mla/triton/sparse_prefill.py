@@ -101,7 +101,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_F32
+from ._common import DOT_F32, alert_not_deterministic
 from . import register
 from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 
@@ -580,6 +580,7 @@ def sparse_prefill_backward(dout, dlse, q, kv, indices, out, lse, sm_scale, d_v,
         dq.zero_()
         dkv.zero_()
         return dq, dkv, q.new_zeros((h_q,), dtype=sink_dtype)
+    alert_not_deterministic("the Triton sparse_prefill backward (dkv)")
     dout = _last_contig(dout)
     out = _last_contig(out)
     # fp32 accumulator: duplicated indices and rows shared by many queries add up atomically.
