@@ -12,9 +12,10 @@ dims stay real: the FP8 layouts fix them) so the whole table runs on a CPU in se
 
 A backend is one of ``BACKENDS``: torch_mla's own ("triton", "native", "reference", forced with
 ``torch_mla.use_backend``; for sparse_decode also "native-pipelined", the native kernel's
-experimental main loop, csrc/sm90/sparse_decode/config.h) and the peers ("flashmla", for dense prefill "sdpa" and "flex", and
-"torch": a plain-PyTorch baseline of an indexer op, torch.topk for indexer_topk and a chunked
-bf16 formula for indexer_logits; every other case refuses it with a reason). ``baseline_of``
+experimental main loop, csrc/sm90/sparse_decode/config.h) and the peers ("flashmla", for dense
+prefill "sdpa" and "flex", and "torch": a plain-PyTorch baseline of an indexer op, torch.topk
+for indexer_topk and a chunked bf16 formula for indexer_logits; every other case refuses it
+with a reason). ``baseline_of``
 names the baseline whose time each row is compared with in its note.
 ``Built.calls`` maps a backend to a zero-argument callable, ``Built.refused`` to the reason it
 cannot run the case; a backend that raises when first called is recorded as refusing too.
