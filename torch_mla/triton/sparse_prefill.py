@@ -76,9 +76,9 @@ no sink / topk_length; triton.testing.do_bench median), against the targets of 2
            (64 heads, 8 warps) 35.4 ms, BLOCK_N 64 there 30.3 ms; dq moved to the second
            phase, which lets the first run on 4 warps without a [64, 576] accumulator (9.5 ms
            instead of 19.2; with 8 warps both warpgroups computed the same 64-row products),
-           and 128-column chunks on 8 warps in the second: 27.9 ms; index prefetch in the first: 27.4 ms. Slower: 64-column chunks
-           with dq in the second phase (34.5 ms), 32 or 128 keys per block (33.6 / 29.3 ms),
-           1 stage (29.6 ms). The fused kernel (groups over 128) with relaxed atomics: 59.1 ms.
+           and 128-column chunks on 8 warps in the second: 27.9 ms; index prefetch in the
+           first: 27.4 ms. Slower: 64-column chunks with dq in the second phase (34.5 ms), 32
+           or 128 keys per block (33.6 / 29.3 ms), 1 stage (29.6 ms). The fused kernel (groups over 128) with relaxed atomics: 59.1 ms.
            The 64-head fused form with dK/dV computed transposed was built wrongly by Triton 3.6
            (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in the transposed
            dot), hence 32 heads there; the two-phase kernels are sanitizer-clean.
@@ -108,7 +108,8 @@ from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 
 # Launch configurations, keyed by head-block size ("big": a full head block, 64 heads forward /
 # BWD_MAX_BLOCK_H backward, and d_v > 128, the DeepSeek shapes; "small": the rest). Entries:
-# (BLOCK_N, num_warps, num_stages). Module globals so a benchmark can try others. Measured on H100 (triton 3.6), production shape, see the docstring:
+# (BLOCK_N, num_warps, num_stages). Module globals so a benchmark can try others. Measured on
+# H100 (triton 3.6), production shape, see the docstring:
 #   forward  (32, 8, 2) 12.9 ms; + index prefetch 12.05 ms (best); (32, 8, 3) 13.1; (64, 8, 1)
 #            12.7 with 116 spilled registers; (32, 8, 1) 16.1; (16, 8, 3) 20.7; 16 warps 29-61 ms
 #            (128-register cap, spills); (64, 8, 2) needs 312 KB of shared memory (limit 227 KB).
