@@ -78,7 +78,8 @@ no sink / topk_length; triton.testing.do_bench median), against the targets of 2
            instead of 19.2; with 8 warps both warpgroups computed the same 64-row products),
            and 128-column chunks on 8 warps in the second: 27.9 ms; index prefetch in the
            first: 27.4 ms. Slower: 64-column chunks with dq in the second phase (34.5 ms), 32
-           or 128 keys per block (33.6 / 29.3 ms), 1 stage (29.6 ms). The fused kernel (groups over 128) with relaxed atomics: 59.1 ms.
+           or 128 keys per block (33.6 / 29.3 ms), 1 stage (29.6 ms). The fused kernel
+           (groups over 128) with relaxed atomics: 59.1 ms.
            The 64-head fused form with dK/dV computed transposed was built wrongly by Triton 3.6
            (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in the transposed
            dot), hence 32 heads there; the two-phase kernels are sanitizer-clean.
