@@ -301,31 +301,6 @@ def test_refuses_oversized_dims():
     assert any("d_qk - d_v = 256" in r for r in mod.supports(q, q, None, 0.1, 512))
 
 
-@pytest.mark.parametrize("plan,expect", [("thirds", ((3, 2), 128, 64)),
-                                         ("tail_in_chunks", ((4, 2), 128, 16))])
-def test_two_piece_second_phase_d576(monkeypatch, plan, expect):
-    # the two-piece plans apply at d_qk 576 / d_v 512 only, with big-shape configs: force them
-    from torch_mla.triton import sparse_prefill as mod
-    monkeypatch.setattr(mod, "BWD_DKV_PLAN", plan)
-    monkeypatch.setattr(mod, "BWD_DKV_CONFIG", {"big": (16, 128, 4, 1), "small": (16, 128, 4, 1)})
-    launches = []
-    real = mod._bwd_dkv_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def run(*args, **kw):
-                launches.append((grid, kw["DC"], kw["DC2"]))
-                return real[grid](*args, **kw)
-            return run
-
-    monkeypatch.setattr(mod, "_bwd_dkv_kernel", Spy())
-    args = make_case(2, 64, 16, 1, 576, 512, 80, sink="inf", use_len=True)
-    got, exp = forward_both(args)
-    g, e = backward_both(args, got, exp)
-    check_backward(g, e, args)
-    assert launches == [expect]  # one launch per query chunk
-
-
 @pytest.fixture
 def deterministic_mode():
     def set_mode(warn_only):

@@ -48,11 +48,6 @@ BWD_CANDIDATES = {
                   "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2)},
     "dq2_n32": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(32, 128, 8, 2)},
     "dq2_n128": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(128, 128, 8, 1)},
-    "dq2_thirds": {**_DQ2, "BWD_DKV_PLAN": "thirds"},
-    "dq2_thirds_n32": {**_DQ2, "BWD_DKV_PLAN": "thirds", "BWD_DKV_CONFIG": _dkv(32, 128, 8, 2)},
-    "dq2_thirds_s1": {**_DQ2, "BWD_DKV_PLAN": "thirds", "BWD_DKV_CONFIG": _dkv(64, 128, 8, 1)},
-    "dq2_tail_in_chunks": {**_DQ2, "BWD_DKV_PLAN": "tail_in_chunks"},
-    "dq2_thirds_w16": {**_DQ2, "BWD_DKV_PLAN": "thirds", "BWD_DKV_CONFIG": _dkv(64, 128, 16, 1)},
     "dq2_s1": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(64, 128, 8, 1)},
 }
 

@@ -91,7 +91,10 @@ overlap the softmax of one block with the GEMMs of the next (no warp specialisat
 3.6). The backward's first phase is the forward's two GEMMs (QK^T, dO V^T) with no accumulator;
 its second phase reads 1 MiB of dS and fP per query once per 128-column program (mostly from
 L2), gathers the keys again (per column chunk), and sends s_q x topk x 576 fp32 values to the
-atomics (19.3 GB at s_q 4096, topk 2048).
+atomics (19.3 GB at s_q 4096, topk 2048). Not tried on a GPU: covering d_qk 576 in one
+second-phase launch (4 programs of 128 value + 16 RoPE columns, or 3 of 128 + 64) instead of 4
+programs of 128 and a launch for the 64 RoPE columns; Triton 3.6 compiled the two with 22 / 54
+spilled registers a thread (written and checked on the CPU, then dropped untimed).
 """
 
 from __future__ import annotations
@@ -139,13 +142,6 @@ BWD_DS_CONFIG: Dict[str, Tuple[int, int, int]] = {"big": (64, 4, 1), "small": (1
 # second phase: (BLOCK_N keys, DC columns, num_warps, num_stages)
 BWD_DKV_CONFIG: Dict[str, Tuple[int, int, int, int]] = {"big": (64, 128, 8, 2),
                                                         "small": (16, 64, 4, 1)}
-# How the second phase covers d_qk 576 / d_v 512 (other shapes: always "chunks"): "chunks",
-# 4 programs of 128 value columns a query, then a launch for the 64 RoPE columns; "thirds", one
-# launch of 3 programs of 128 + 64 columns; "tail_in_chunks", one launch of 4 programs of 128
-# value + 16 RoPE columns. The last two are experimental: checked on the CPU, not yet timed on
-# a GPU (Triton 3.6 spills 54 registers a thread in "thirds" at 1 stage; at 2 stages it needs
-# 240 KB of shared memory).
-BWD_DKV_PLAN = "chunks"
 # dq in the second phase (dS K per column chunk, keys gathered there) instead of the first:
 # 27.9 vs 30.3 ms on the H100 (the first phase then needs no [64, d_qk] accumulator).
 BWD_DQ_IN_PHASE2 = True
@@ -416,31 +412,13 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _dkv_piece(ds, pf, q, do, kv_cols, dkv_cols, idx64, valid, c_ok, dq, stride_kvs, stride_dkvs,
-               BLOCK_N: tl.constexpr, DC: tl.constexpr, DO_DQ: tl.constexpr,
-               ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr):
-    """One key block's work on one column piece of the two-piece second phase: dkv rows
-    (atomically) and the dq update (dout columns past d_v were loaded as zeros)."""
-    acc = _mm(ds, q, tl.zeros([BLOCK_N, DC], tl.float32), DOT_F32)
-    acc = _mm(pf, do, acc, DOT_F32)
-    if DO_DQ:
-        k = tl.load(kv_cols + idx64 * stride_kvs, mask=valid[:, None] & c_ok[None, :],
-                    other=0.0)  # [BLOCK_N, DC]
-        dq = _mm(tl.trans(ds), k, dq, DOT_F32)
-    tl.atomic_add(dkv_cols + idx64 * stride_dkvs, acc, mask=valid[:, None] & c_ok[None, :],
-                  sem=ATOMIC_SEM)
-    return dq
-
-
-@triton.jit
 def _bwd_dkv_kernel(
     Q, KV, DO, IDX, LENS, DS, PF, DKV, DQ,
     stride_qs, stride_qh, stride_kvs, stride_kvh, stride_dos, stride_doh, stride_is, stride_ih,
     stride_dss, stride_dsh, stride_dkvs, stride_dkvh, stride_dqs, stride_dqh,
-    s_kv, topk, group, col0, col_end, n_chunks, col0_b, col_end_b, do_end,
-    G: tl.constexpr, DC: tl.constexpr, DC2: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_DO: tl.constexpr, DO_DQ: tl.constexpr, HAS_LEN: tl.constexpr, ATOMIC_SEM: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    s_kv, topk, group, col0, col_end, n_chunks,
+    G: tl.constexpr, DC: tl.constexpr, BLOCK_N: tl.constexpr, USE_DO: tl.constexpr,
+    DO_DQ: tl.constexpr, HAS_LEN: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Second phase of the two-phase backward: for one query, one kv head and the columns
     [c0, c0 + DC) of d_qk (c0 = col0 + chunk * DC, clipped at col_end), the dK/dV rows of every
@@ -450,11 +428,7 @@ def _bwd_dkv_kernel(
     q's and dout's columns stay in registers / shared memory for the whole loop; dS and fP come
     from the first phase's scratch ([query, kv head, key position, head], in q's dtype).
     With DO_DQ it also gathers those columns of the keys and forms dq[:, c] = dS K[:, c]: the
-    first phase then keeps no [heads, d_qk] accumulator.
-    With DC2 > 0 a program also takes a second piece of DC2 columns, [col0_b + chunk * DC2, ...)
-    clipped at col_end_b, its dout columns masked at do_end (so a piece past d_v, the RoPE
-    tail, adds no dV): one launch then covers d_qk with fewer programs, each reading its
-    query's dS / fP once for both pieces."""
+    first phase then keeps no [heads, d_qk] accumulator."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
     kvh = pid_c // n_chunks
@@ -471,17 +445,6 @@ def _bwd_dkv_kernel(
     if USE_DO:
         do = tl.load(DO + pid_s * stride_dos + head[:, None] * stride_doh + offs_c[None, :],
                      mask=qd_mask, other=0.0)
-    if DC2 > 0:  # the second piece (see above); USE_DO is then True
-        offs_b = col0_b + (pid_c % n_chunks) * DC2 + tl.arange(0, DC2)
-        b_ok = offs_b < col_end_b
-        qd_mask_b = g_ok[:, None] & b_ok[None, :]
-        q_b = tl.load(Q + pid_s * stride_qs + head[:, None] * stride_qh + offs_b[None, :],
-                      mask=qd_mask_b, other=0.0)  # [G, DC2]
-        do_b = tl.load(DO + pid_s * stride_dos + head[:, None] * stride_doh + offs_b[None, :],
-                       mask=qd_mask_b & (offs_b[None, :] < do_end), other=0.0)
-        dkv_cols_b = DKV + kvh * stride_dkvh + offs_b[None, :]
-        kv_cols_b = KV + kvh * stride_kvh + offs_b[None, :]
-        dq_b = tl.zeros([G, DC2], tl.float32)
 
     n_keys = topk
     if HAS_LEN:
@@ -500,34 +463,20 @@ def _bwd_dkv_kernel(
         at = ds_base + pos[:, None].to(tl.int64) * G + offs_g[None, :]
         ld_mask = in_len[:, None] & g_ok[None, :]
         ds = tl.load(DS + at, mask=ld_mask, other=0.0)  # [BLOCK_N, G]
-        if DC2 > 0:
+        acc = _mm(ds, q, tl.zeros([BLOCK_N, DC], tl.float32), DOT_F32)
+        if USE_DO:
             pf = tl.load(PF + at, mask=ld_mask, other=0.0)
-            idx64 = idx.to(tl.int64)[:, None]
-            dq = _dkv_piece(ds, pf, q, do, kv_cols, dkv_cols, idx64, valid, c_ok, dq,
-                            stride_kvs, stride_dkvs, BLOCK_N, DC, DO_DQ, ATOMIC_SEM, DOT_F32)
-            dq_b = _dkv_piece(ds, pf, q_b, do_b, kv_cols_b, dkv_cols_b, idx64, valid, b_ok,
-                              dq_b, stride_kvs, stride_dkvs, BLOCK_N, DC2, DO_DQ, ATOMIC_SEM,
-                              DOT_F32)
-        else:
-            # _dkv_piece's steps, written out: fP is loaded only where dout is used, and this
-            # is the exact code of the H100-verified default plan
-            acc = _mm(ds, q, tl.zeros([BLOCK_N, DC], tl.float32), DOT_F32)
-            if USE_DO:
-                pf = tl.load(PF + at, mask=ld_mask, other=0.0)
-                acc = _mm(pf, do, acc, DOT_F32)
-            idx64 = idx.to(tl.int64)[:, None]
-            if DO_DQ:
-                k = tl.load(kv_cols + idx64 * stride_kvs, mask=valid[:, None] & c_ok[None, :],
-                            other=0.0)  # [BLOCK_N, DC]
-                dq = _mm(tl.trans(ds), k, dq, DOT_F32)
-            tl.atomic_add(dkv_cols + idx64 * stride_dkvs, acc,
-                          mask=valid[:, None] & c_ok[None, :], sem=ATOMIC_SEM)
+            acc = _mm(pf, do, acc, DOT_F32)
+        idx64 = idx.to(tl.int64)[:, None]
+        if DO_DQ:
+            k = tl.load(kv_cols + idx64 * stride_kvs, mask=valid[:, None] & c_ok[None, :],
+                        other=0.0)  # [BLOCK_N, DC]
+            dq = _mm(tl.trans(ds), k, dq, DOT_F32)
+        tl.atomic_add(dkv_cols + idx64 * stride_dkvs, acc, mask=valid[:, None] & c_ok[None, :],
+                      sem=ATOMIC_SEM)
     if DO_DQ:
         tl.store(DQ + pid_s * stride_dqs + head[:, None] * stride_dqh + offs_c[None, :],
                  dq.to(DQ.dtype.element_ty), mask=qd_mask)
-        if DC2 > 0:
-            tl.store(DQ + pid_s * stride_dqs + head[:, None] * stride_dqh + offs_b[None, :],
-                     dq_b.to(DQ.dtype.element_ty), mask=qd_mask_b)
 
 
 def _blocks(q: torch.Tensor, kv: torch.Tensor, d_v: int, max_block_h: int = 64):
@@ -661,17 +610,9 @@ def _backward_two_phase(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, top
     big = g >= 64 and d_v >= 256  # the DeepSeek shapes (h_q 64 / 128 per kv head, d_v 512)
     block_n, dc, num_warps, num_stages = BWD_DKV_CONFIG["big" if big else "small"]
     dc_v = min(dc, _pow2(d_v))
-    # launches: (col0, col_end, DC, use_dout, n_chunks, second piece (col0_b, col_end_b, DC2))
-    passes = [(0, d_v, dc_v, True, triton.cdiv(d_v, dc_v), None)]
+    passes = [(0, d_v, dc_v, True)]
     if d_t > 0:
-        passes.append((d_v, d_qk, _pow2(d_t), False, 1, None))
-    if BWD_DKV_PLAN != "chunks" and BWD_DQ_IN_PHASE2 and d_qk == 576 and d_v == 512 and dc == 128:
-        if BWD_DKV_PLAN == "thirds":
-            # 3 programs of 128 + 64 columns: [0, 384) in 128s, then [384, 576) in 64s (the
-            # last 64 are the RoPE tail, no dout): dS / fP read 3 times per query, not 4.5
-            passes = [(0, 384, 128, True, 3, (384, 576, 64))]
-        else:  # "tail_in_chunks": 4 programs of 128 value columns + 16 of the RoPE tail
-            passes = [(0, 512, 128, True, 4, (512, 576, 16))]
+        passes.append((d_v, d_qk, _pow2(d_t), False))
     for s0 in range(0, s_q, chunk):
         s1 = min(s_q, s0 + chunk)
         sl = slice(s0, s1)
@@ -681,16 +622,16 @@ def _backward_two_phase(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, top
                     lens, attn_sink, dq[sl], dkv_acc, dsink, ds, pf, BWD_DS_MAX_BLOCK_H,
                     BWD_DS_CONFIG, BWD_DS_PREFETCH_IDX)
         qs, dos, idx, dqs = q[sl], dout[sl], indices[sl], dq[sl]
-        for col0, col_end, width, use_do, n_chunks, piece_b in passes:
-            col0_b, col_end_b, width_b = piece_b if piece_b is not None else (0, 0, 0)
+        for col0, col_end, width, use_do in passes:
+            n_chunks = triton.cdiv(col_end - col0, width)
             _bwd_dkv_kernel[(h_kv * n_chunks, s1 - s0)](
                 qs, kv, dos, idx, lens if lens is not None else idx, ds, pf, dkv_acc, dqs,
                 qs.stride(0), qs.stride(1), kv.stride(0), kv.stride(1), dos.stride(0),
                 dos.stride(1), idx.stride(0), idx.stride(1), ds.stride(0), ds.stride(1),
                 dkv_acc.stride(0), dkv_acc.stride(1), dqs.stride(0), dqs.stride(1),
-                s_kv, topk, group, col0, col_end, n_chunks, col0_b, col_end_b, d_v,
-                G=g, DC=width, DC2=width_b, BLOCK_N=block_n, USE_DO=use_do,
-                DO_DQ=BWD_DQ_IN_PHASE2, HAS_LEN=lens is not None,
+                s_kv, topk, group, col0, col_end, n_chunks,
+                G=g, DC=width, BLOCK_N=block_n, USE_DO=use_do, DO_DQ=BWD_DQ_IN_PHASE2,
+                HAS_LEN=lens is not None,
                 ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32, num_warps=num_warps,
                 num_stages=num_stages,
             )
