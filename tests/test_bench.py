@@ -345,16 +345,16 @@ def test_unknown_names_are_rejected():
         cli.main(["--tiny", "--backends", "cudnn"])
 
 
-def test_native_pipelined_sets_the_switch_around_each_call(monkeypatch):
-    # the bench's "native-pipelined" backend: the native library reads the variable at each
+def test_native_wgmma_sets_the_switch_around_each_call(monkeypatch):
+    # the bench's "native-wgmma" backend: the native library reads the variable at each
     # call, so it must be set during the call (and during a CUDA-graph capture) and restored
     from torch_mla._dispatch import forced_backend
 
-    monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_PIPELINE", raising=False)
-    seen = C._native_pipelined(
-        lambda: (os.environ.get("TORCH_MLA_NATIVE_DECODE_PIPELINE"), forced_backend()))()
+    monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_WGMMA", raising=False)
+    seen = C._native_wgmma(
+        lambda: (os.environ.get("TORCH_MLA_NATIVE_DECODE_WGMMA"), forced_backend()))()
     assert seen == ("1", "native")
-    assert "TORCH_MLA_NATIVE_DECODE_PIPELINE" not in os.environ
-    monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_PIPELINE", "0")
-    C._native_pipelined(lambda: None)()
-    assert os.environ["TORCH_MLA_NATIVE_DECODE_PIPELINE"] == "0"
+    assert "TORCH_MLA_NATIVE_DECODE_WGMMA" not in os.environ
+    monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "0")
+    C._native_wgmma(lambda: None)()
+    assert os.environ["TORCH_MLA_NATIVE_DECODE_WGMMA"] == "0"

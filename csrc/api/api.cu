@@ -231,17 +231,18 @@ TMLA_API int tmla_sparse_decode(const tmla_sparse_decode_params* p, void* stream
     if (e != cudaSuccess) return cuda_fail(e, "decode_schedule launch", err, err_len);
   }
 
-  // The pipelined main loop is experimental (compiled, not yet verified on a GPU): it runs only
-  // when TORCH_MLA_NATIVE_DECODE_PIPELINE=1 is set (read at every call, so tests can switch).
-  const char* pipe_env = std::getenv("TORCH_MLA_NATIVE_DECODE_PIPELINE");
-  const bool pipe = pipe_env != nullptr && std::strcmp(pipe_env, "1") == 0;
+  // The warp-specialized wgmma kernel is experimental: it runs only when
+  // TORCH_MLA_NATIVE_DECODE_WGMMA=1 is set (read at every call, so tests and the bench can switch).
+  const char* wgmma_env = std::getenv("TORCH_MLA_NATIVE_DECODE_WGMMA");
+  const bool wgmma = wgmma_env != nullptr && std::strcmp(wgmma_env, "1") == 0;
   using tmla::sm90::launch_sparse_decode;
+  using tmla::sm90::launch_sparse_decode_wgmma;
   if (layout == TMLA_LAYOUT_V32) {
-    e = pipe ? launch_sparse_decode<TMLA_LAYOUT_V32, true>(a, stream)
-             : launch_sparse_decode<TMLA_LAYOUT_V32, false>(a, stream);
+    e = wgmma ? launch_sparse_decode_wgmma<TMLA_LAYOUT_V32>(a, stream)
+              : launch_sparse_decode<TMLA_LAYOUT_V32>(a, stream);
   } else {
-    e = pipe ? launch_sparse_decode<TMLA_LAYOUT_MODEL1, true>(a, stream)
-             : launch_sparse_decode<TMLA_LAYOUT_MODEL1, false>(a, stream);
+    e = wgmma ? launch_sparse_decode_wgmma<TMLA_LAYOUT_MODEL1>(a, stream)
+              : launch_sparse_decode<TMLA_LAYOUT_MODEL1>(a, stream);
   }
   if (e != cudaSuccess) return cuda_fail(e, "sparse_decode launch", err, err_len);
   e = tmla::launch_decode_combine(a, stream);

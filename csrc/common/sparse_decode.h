@@ -68,10 +68,13 @@ cudaError_t launch_decode_schedule(const SparseDecodeArgs& a, int* metadata, int
 cudaError_t launch_decode_combine(const SparseDecodeArgs& a, cudaStream_t stream);
 
 namespace sm90 {
-// layout: TMLA_LAYOUT_V32 or TMLA_LAYOUT_MODEL1; pipelined: the main-loop variant (config.h).
-// One instantiation per translation unit.
-template <int LAYOUT, bool PIPELINED>
+// layout: TMLA_LAYOUT_V32 or TMLA_LAYOUT_MODEL1 (one instantiation per translation unit).
+// launch_sparse_decode: the serial mma.sync kernel (sparse_decode/kernel.cuh);
+// launch_sparse_decode_wgmma: the warp-specialized wgmma kernel (sparse_decode/kernel_wgmma.cuh).
+template <int LAYOUT>
 cudaError_t launch_sparse_decode(const SparseDecodeArgs& a, cudaStream_t stream);
+template <int LAYOUT>
+cudaError_t launch_sparse_decode_wgmma(const SparseDecodeArgs& a, cudaStream_t stream);
 }  // namespace sm90
 
 }  // namespace tmla

@@ -16,8 +16,8 @@
 # `tar xf .cache/tree.tar;`.
 # Results land in $OUT: gpu_tests.txt (pytest), sanitize.txt, bench/results.{md,json,png},
 # bench.txt, triton_cache.tgz. STEPS picks the parts (default "tests bench"; "sanitize" runs
-# compute-sanitizer memcheck and racecheck over the native sparse_decode kernels, both main
-# loops); GPU_TEST_FILES picks test files.
+# compute-sanitizer memcheck and racecheck over the native sparse_decode kernels, serial
+# and wgmma); GPU_TEST_FILES picks test files.
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 steps=${STEPS:-tests bench}
@@ -35,10 +35,10 @@ if [[ " $steps " == *" tests "* ]]; then
 fi
 if [[ " $steps " == *" sanitize "* ]]; then
   : > "$out/sanitize.txt"
-  for pipe in 0 1; do
+  for wgmma in 0 1; do
     for tool in memcheck racecheck; do
-      echo "=== $tool, TORCH_MLA_NATIVE_DECODE_PIPELINE=$pipe" | tee -a "$out/sanitize.txt"
-      (cd "$repo/tests" && TORCH_MLA_NATIVE_DECODE_PIPELINE=$pipe timeout ${FILE_TIMEOUT:-300} \
+      echo "=== $tool, TORCH_MLA_NATIVE_DECODE_WGMMA=$wgmma" | tee -a "$out/sanitize.txt"
+      (cd "$repo/tests" && TORCH_MLA_NATIVE_DECODE_WGMMA=$wgmma timeout ${FILE_TIMEOUT:-300} \
         compute-sanitizer --tool $tool --kernel-name kns=decode python3 gpu/sanitize_native.py \
         2>&1 | tail -5 | tee -a "$out/sanitize.txt")
     done

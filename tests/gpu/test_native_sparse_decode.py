@@ -44,14 +44,14 @@ def native_library():
     return lib
 
 
-# Every test runs on both main-loop variants of the kernel (csrc/sm90/sparse_decode/config.h):
-# the library reads TORCH_MLA_NATIVE_DECODE_PIPELINE at every call.
-@pytest.fixture(params=["serial", "pipelined"], autouse=True)
-def main_loop(request, monkeypatch):
-    if request.param == "pipelined":
-        monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_PIPELINE", "1")
+# Every test runs on both kernels (the serial mma.sync one and the warp-specialized wgmma one,
+# csrc/sm90/sparse_decode/): the library reads TORCH_MLA_NATIVE_DECODE_WGMMA at every call.
+@pytest.fixture(params=["serial", "wgmma"], autouse=True)
+def kernel_variant(request, monkeypatch):
+    if request.param == "wgmma":
+        monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "1")
     else:
-        monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_PIPELINE", raising=False)
+        monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_WGMMA", raising=False)
     return request.param
 
 

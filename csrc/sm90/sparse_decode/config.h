@@ -17,26 +17,8 @@ namespace tmla::sm90::sparse_decode {
 
 constexpr int kThreads = 256;
 constexpr int kBlockM = 64;  // heads per CTA
-constexpr int kBlockN = 64;  // keys per schedule block (and per tile in the serial variant)
+constexpr int kBlockN = 64;  // keys per tile (= schedule block_n)
 constexpr int kDv = 512;     // value columns accumulated
-
-// Two variants of the main loop (template parameter PIPE):
-// * serial (PIPE = false, the GPU-verified one): one 64-key K tile; per tile the CTA waits for
-//   the gather, dequantizes, synchronizes, then runs the MMAs: dequantization and MMAs never
-//   overlap.
-// * pipelined (PIPE = true, experimental: compiled, not yet run on a GPU): 32-key tiles, K and
-//   the staging buffer double-buffered (a second 64-key K tile would not fit next to Q), so the
-//   dequantization of tile k+1 sits between the QK^T and softmax of tile k in the same warps,
-//   with one CTA barrier per tile: the warp schedulers overlap one warp's conversions with
-//   another's MMAs. Gathers run two tiles ahead.
-template <bool PIPE>
-struct Tiles {
-  static constexpr int kN = PIPE ? 32 : 64;         // keys per tile
-  static constexpr int kPerBlock = kBlockN / kN;    // tiles per schedule block
-  static constexpr int kBufs = PIPE ? 2 : 1;        // K and staging buffers
-  static constexpr int kValidBufs = PIPE ? 4 : 2;   // validity flags live from gather to softmax
-  static constexpr int kThreadsPerToken = kThreads / kN;  // gather / dequant: 4 or 8
-};
 
 template <int LAYOUT>
 struct Layout;
@@ -67,28 +49,24 @@ struct Layout<TMLA_LAYOUT_MODEL1> {
 };
 
 // Shared memory, in bytes from the dynamic smem base (all offsets multiples of 128).
-template <int LAYOUT, bool PIPE = false>
+template <int LAYOUT>
 struct SmemPlan {
   using L = Layout<LAYOUT>;
-  using T = Tiles<PIPE>;
   // Row strides in bf16 elements. +8 elements (16 B) per row: consecutive rows start 16 B
   // apart modulo 128 B, so the 8 row addresses of one ldmatrix hit 8 distinct bank groups.
   static constexpr int kQStride = L::kDqk + 8;
-  static constexpr int kPStride = T::kN + 8;
+  static constexpr int kPStride = kBlockN + 8;
 
   static constexpr int a128(int x) { return (x + 127) / 128 * 128; }
-  static constexpr int kKBuf = a128(T::kN * kQStride * 2);       // one K tile
-  static constexpr int kRawBuf = a128(T::kN * L::kTokenBytes);   // one staging tile
-  static constexpr int kRawScaleBuf = a128(T::kN * L::kScaleBytes);
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + a128(kBlockM * kQStride * 2);
-  static constexpr int kRaw = kK + T::kBufs * kKBuf;
-  static constexpr int kRawScale = kRaw + T::kBufs * kRawBuf;
-  static constexpr int kP = kRawScale + T::kBufs * kRawScaleBuf;
+  static constexpr int kRaw = kK + a128(kBlockN * kQStride * 2);
+  static constexpr int kRawScale = kRaw + a128(kBlockN * L::kTokenBytes);
+  static constexpr int kP = kRawScale + a128(kBlockN * L::kScaleBytes);
   static constexpr int kRedMax = kP + a128(kBlockM * kPStride * 2);  // f32 [2][64]
   static constexpr int kRedSum = kRedMax + a128(2 * kBlockM * 4);    // f32 [2][64]
-  static constexpr int kValid = kRedSum + a128(2 * kBlockM * 4);     // u8 [bufs][tile keys]
-  static constexpr int kBytes = kValid + a128(T::kValidBufs * T::kN);
+  static constexpr int kValid = kRedSum + a128(2 * kBlockM * 4);     // u8 [2 bufs][64 keys]
+  static constexpr int kBytes = kValid + a128(2 * kBlockN);
   static_assert(kBytes <= 227 * 1024, "shared memory plan exceeds the 227 KB of an SM90 CTA");
 };
 

@@ -4,15 +4,9 @@
 //
 // Invariants the code relies on (each is what makes a step safe without extra barriers):
 // * Every CTA-wide __syncthreads() separates "all warps finished reading buffer X" from "some
-//   thread overwrites X". Serial loop, per tile: [wait cp.async, sync] dequant -> K [sync] issue
-//   next gather into staging + compute on K. K is rewritten only after the next top-of-tile
-//   sync, staging only after the post-dequant sync.
-// * Pipelined loop (PIPE), per tile k, with K / staging buffers kb = k & 1 and validity flags
-//   k & 3: [wait cp.async, sync] issue the gather of tile k+2 into staging[kb] (its tile k was
-//   dequantized during tile k-1), QK^T on K[kb], dequantize staging[kb ^ 1] (tile k+1, landed
-//   at the sync) into K[kb ^ 1] (last read by tile k-1, before the sync), softmax, PV on
-//   K[kb]. One CTA barrier per tile; flags of tile k+2 are written while tiles k (softmax) and
-//   k+1 (dequant) are read, hence four flag buffers.
+//   thread overwrites X". Per tile: [wait cp.async, sync] dequant -> K [sync] issue next gather
+//   into staging + compute on K. K is rewritten only after the next top-of-tile sync, staging
+//   only after the post-dequant sync.
 // * The two warps sharing 16 heads (wm, wn = 0/1) meet at named barrier 1 + wm (64 threads)
 //   to exchange row maxima, P, and finally row sums; both compute bit-identical running maxima.
 // * Invalid keys (index < 0, >= num_blocks * block_size, or position >= length) are never
@@ -41,30 +35,23 @@ struct Ranges {
   int ntm, nte, m_lo, e_lo, lm, le;
 };
 
-// Index of token `tok` of tile k (TN keys a tile; -1 when the position is past its set's
-// length or k >= nt).
-template <int TN>
+// Index of token `tok` of tile k (-1 when the position is past its set's length or k >= nt).
 __device__ __forceinline__ int load_index(const int* row_m, const int* row_e, const Ranges& r,
                                           int k, int tok) {
   if (k >= r.ntm + r.nte) return -1;
   const bool ex = k >= r.ntm;
-  const int pos = ex ? r.e_lo + (k - r.ntm) * TN + tok : r.m_lo + k * TN + tok;
+  const int pos = ex ? r.e_lo + (k - r.ntm) * kBlockN + tok : r.m_lo + k * kBlockN + tok;
   if (pos >= (ex ? r.le : r.lm)) return -1;
   return __ldg((ex ? row_e : row_m) + pos);
 }
 
-template <int LAYOUT, bool PIPE>
+template <int LAYOUT>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const SparseDecodeArgs a) {
   using L = Layout<LAYOUT>;
-  using T = Tiles<PIPE>;
-  using Plan = SmemPlan<LAYOUT, PIPE>;
+  using Plan = SmemPlan<LAYOUT>;
   constexpr int kQS = Plan::kQStride;
   constexpr int kPS = Plan::kPStride;
   constexpr int kKSteps = L::kDqk / 16;
-  constexpr int kTN = T::kN;                 // keys per tile
-  constexpr int kTPT = T::kThreadsPerToken;  // gather / dequant threads per token
-  constexpr int kNB = kTN / 16;              // 8-key MMA blocks of one warp's half of a tile
-  constexpr int kKBufElems = Plan::kKBuf / 2;
 
   extern __shared__ __align__(128) uint8_t smem[];
   bf16* sQ = reinterpret_cast<bf16*>(smem + Plan::kQ);
@@ -86,10 +73,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
   const int wn = warp >> 2;  // QK: keys 32 wn ..; PV: value columns 256 wn ..
   const int g = lane >> 2;   // mma fragment row
   const int tig = lane & 3;  // mma fragment column pair
-  // gather / dequant: the token of the tile, and this thread's share of it (kTPT: 4 or 8)
-  static_assert(kTPT == 4 || kTPT == 8, "threads per token");
-  const int tok = tid >> (kTPT == 4 ? 2 : 3);
-  const int qq = tid & (kTPT - 1);
+  const int tok = tid >> 2;  // gather / dequant: token of the tile
+  const int q4 = tid & 3;    // gather / dequant: quarter of the token
 
   const int* meta = a.sched + part * kScheduleWidth;
   const int b_begin = __ldg(meta + 0);
@@ -109,13 +94,12 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
   // per-tile stages
   // ------------------------------------------------------------------------------------------
 
-  // Gather tile k's bytes for this thread's share of its token into staging buffer rbuf,
-  // record validity in flag buffer vbuf.
-  auto issue = [&](const Ranges& r, int k, int idx, int rbuf, int vbuf) {
+  // Gather tile k's bytes for this thread's token quarter into staging, record validity.
+  auto issue = [&](const Ranges& r, int k, int idx, int buf) {
     const bool ex = k >= r.ntm;
     const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
     const bool valid = idx >= 0 && static_cast<int64_t>(idx) < slots;
-    if (qq == 0) sValid[vbuf * kTN + tok] = valid ? 1 : 0;
+    if (q4 == 0) sValid[buf * kBlockN + tok] = valid ? 1 : 0;
     if (valid) {
       const int bs = ex ? a.extra.block_size : a.main.block_size;
       const int blk = idx / bs;
@@ -124,12 +108,12 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
           (ex ? a.extra.cache : a.main.cache) + static_cast<int64_t>(blk) *
                                                     (ex ? a.extra.stride_block : a.main.stride_block);
       const uint8_t* src = base + static_cast<int64_t>(off) * L::kTokenBytes;
-      uint8_t* dst = sRaw + rbuf * Plan::kRawBuf + tok * L::kTokenBytes;
+      uint8_t* dst = sRaw + tok * L::kTokenBytes;
 #pragma unroll
-      for (int c = qq; c < L::kTokenBytes / 16; c += kTPT) cp_async_16(dst + 16 * c, src + 16 * c);
+      for (int c = q4; c < L::kTokenBytes / 16; c += 4) cp_async_16(dst + 16 * c, src + 16 * c);
       if constexpr (L::kScaleBytes > 0) {
-        if (qq == 0) {
-          cp_async_8(sRawScale + rbuf * Plan::kRawScaleBuf + tok * L::kScaleBytes,
+        if (q4 == 0) {
+          cp_async_8(sRawScale + tok * L::kScaleBytes,
                      base + static_cast<int64_t>(bs) * L::kTokenBytes +
                          static_cast<int64_t>(off) * L::kScaleBytes);
         }
@@ -137,22 +121,21 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     }
   };
 
-  // Staging buffer rbuf -> K tile kbuf (bf16, row = key), zeros for invalid keys.
-  auto dequant = [&](int rbuf, int vbuf, int kbuf) {
-    const bool v = sValid[vbuf * kTN + tok] != 0;
-    const uint8_t* raw = sRaw + rbuf * Plan::kRawBuf + tok * L::kTokenBytes;
-    bf16* krow = sK + kbuf * kKBufElems + tok * kQS;
+  // Staging -> K tile (bf16, row = key), zeros for invalid keys.
+  auto dequant = [&](int buf) {
+    const bool v = sValid[buf * kBlockN + tok] != 0;
+    const uint8_t* raw = sRaw + tok * L::kTokenBytes;
+    bf16* krow = sK + tok * kQS;
 #pragma unroll
-    for (int cc = 0; cc < cdiv(8, kTPT); ++cc) {
-      const int c = qq + kTPT * cc;  // 64-column NoPE chunk
+    for (int cc = 0; cc < 2; ++cc) {
+      const int c = q4 + 4 * cc;  // 64-column NoPE chunk
       if (c < L::kNopeChunks) {
         float scale = 0.f;
         if (v) {
           if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
             scale = *reinterpret_cast<const float*>(raw + L::kScaleOffset + 4 * (c >> 1));
           } else {
-            scale = ue8m0_to_float(
-                sRawScale[rbuf * Plan::kRawScaleBuf + tok * L::kScaleBytes + c]);
+            scale = ue8m0_to_float(sRawScale[tok * L::kScaleBytes + c]);
           }
         }
 #pragma unroll
@@ -164,13 +147,12 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
         }
       }
     }
-    // RoPE: 64 bf16 (8 x 16 bytes) stored as is; kR pieces of 16 bytes per thread.
-    constexpr int kR = 8 / kTPT;
-    const uint4* rsrc = reinterpret_cast<const uint4*>(raw + L::kRopeOffset + 16 * kR * qq);
-    uint4* rdst = reinterpret_cast<uint4*>(krow + L::kDnope + 8 * kR * qq);
+    // RoPE: 64 bf16 stored as is; 16 per thread.
+    const uint4* rsrc = reinterpret_cast<const uint4*>(raw + L::kRopeOffset + 32 * q4);
+    uint4* rdst = reinterpret_cast<uint4*>(krow + L::kDnope + 16 * q4);
     const uint4 zero = make_uint4(0, 0, 0, 0);
-#pragma unroll
-    for (int j = 0; j < kR; ++j) rdst[j] = v ? rsrc[j] : zero;
+    rdst[0] = v ? rsrc[0] : zero;
+    rdst[1] = v ? rsrc[1] : zero;
   };
 
   // ------------------------------------------------------------------------------------------
@@ -182,9 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
   const bf16* q_frag = sQ + a_row * kQS + a_col;
   const bf16* p_frag = sP + a_row * kPS + a_col;
   // QK B operand from K [key][dim]: matrix i covers keys 8 (i >> 1).., dims 8 (i & 1)..
-  // (warp wn takes the keys kTN / 2 * wn .. of the tile)
-  const bf16* k_frag =
-      sK + (kTN / 2 * wn + (lane & 7) + 8 * (lane >> 4)) * kQS + 8 * ((lane >> 3) & 1);
+  const bf16* k_frag = sK + (32 * wn + (lane & 7) + 8 * (lane >> 4)) * kQS + 8 * ((lane >> 3) & 1);
   // PV B operand from the same K [key][dim] (transposed load): matrix i covers keys 8 (i & 1)..,
   // value columns 8 (i >> 1)..
   const bf16* v_frag = sK + ((lane & 7) + 8 * ((lane >> 3) & 1)) * kQS + 256 * wn + 8 * (lane >> 4);
@@ -214,9 +194,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
     r.lm = lm;
     r.le = le;
     r.m_lo = min(lo, nbm) * kBlockN;
-    r.ntm = (min(hi, nbm) - min(lo, nbm)) * T::kPerBlock;  // in tiles
+    r.ntm = min(hi, nbm) - min(lo, nbm);
     r.e_lo = (max(lo, nbm) - nbm) * kBlockN;
-    r.nte = (max(hi, nbm) - max(lo, nbm)) * T::kPerBlock;
+    r.nte = max(hi, nbm) - max(lo, nbm);
     const int nt = r.ntm + r.nte;
 
     const int* row_m = a.main.indices + i * a.main.stride_b + s * a.main.stride_s;
@@ -242,18 +222,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
           *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
         }
       }
-      issue(r, 0, load_index<kTN>(row_m, row_e, r, 0, tok), 0, 0);
+      issue(r, 0, load_index(row_m, row_e, r, 0, tok), 0);
       cp_async_commit();
-      if constexpr (PIPE) {
-        issue(r, 1, load_index<kTN>(row_m, row_e, r, 1, tok), 1, 1);
-        cp_async_commit();
-        idx_next = load_index<kTN>(row_m, row_e, r, 2, tok);
-        cp_async_wait_all();
-        __syncthreads();  // tile 0's bytes (and Q) landed for every thread
-        dequant(0, 0, 0);  // -> K[0], published by the loop's first barrier
-      } else {
-        idx_next = load_index<kTN>(row_m, row_e, r, 1, tok);
-      }
+      idx_next = load_index(row_m, row_e, r, 1, tok);
     }
 
     float acc[32][4];
@@ -264,61 +235,36 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
 
 #pragma unroll 1
     for (int k = 0; k < nt; ++k) {
-      const int vb = k & (T::kValidBufs - 1);  // validity flags of tile k
-      int kb = 0;                              // K buffer of tile k
-      if constexpr (PIPE) {
-        kb = k & 1;
-        cp_async_wait_all();
-        // K[kb] (tile k, dequantized during tile k-1) is complete, staging[kb ^ 1] (tile k+1)
-        // landed for every thread, and every warp is done with tile k-1 (K[kb ^ 1],
-        // staging[kb], P).
-        __syncthreads();
-        if (k + 2 < nt) {
-          issue(r, k + 2, idx_next, kb, (k + 2) & (T::kValidBufs - 1));
-          cp_async_commit();
-          idx_next = load_index<kTN>(row_m, row_e, r, k + 3, tok);  // consumed one tile later
-        }
-      } else {
-        cp_async_wait_all();
-        __syncthreads();  // tile k (and Q) landed for every thread; K is free
-        dequant(0, vb, 0);
-        __syncthreads();  // K ready; staging free
-        if (k + 1 < nt) {
-          issue(r, k + 1, idx_next, 0, vb ^ 1);
-          cp_async_commit();
-          idx_next = load_index<kTN>(row_m, row_e, r, k + 2, tok);  // consumed one tile later
-        }
+      const int buf = k & 1;
+      cp_async_wait_all();
+      __syncthreads();  // tile k (and Q) landed for every thread; K is free
+      dequant(buf);
+      __syncthreads();  // K ready; staging free
+      if (k + 1 < nt) {
+        issue(r, k + 1, idx_next, buf ^ 1);
+        cp_async_commit();
+        idx_next = load_index(row_m, row_e, r, k + 2, tok);  // consumed one tile later
       }
-      const bf16* kf = k_frag + kb * kKBufElems;
 
-      // ---- S = Q K^T for 16 heads x kTN / 2 keys ----
-      float sacc[kNB][4];
+      // ---- S = Q K^T for 16 heads x 32 keys ----
+      float sacc[4][4];
 #pragma unroll
-      for (int t = 0; t < kNB; ++t) sacc[t][0] = sacc[t][1] = sacc[t][2] = sacc[t][3] = 0.f;
+      for (int t = 0; t < 4; ++t) sacc[t][0] = sacc[t][1] = sacc[t][2] = sacc[t][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) {
-        uint32_t af[4], bfr[kNB][2];
+        uint32_t af[4], bfr[4][2];
         ldsm_x4(q_frag + 16 * kk, af[0], af[1], af[2], af[3]);
+        ldsm_x4(k_frag + 16 * kk, bfr[0][0], bfr[0][1], bfr[1][0], bfr[1][1]);
+        ldsm_x4(k_frag + 16 * kQS + 16 * kk, bfr[2][0], bfr[2][1], bfr[3][0], bfr[3][1]);
 #pragma unroll
-        for (int h = 0; h < kNB / 2; ++h) {
-          ldsm_x4(kf + 16 * h * kQS + 16 * kk, bfr[2 * h][0], bfr[2 * h][1], bfr[2 * h + 1][0],
-                  bfr[2 * h + 1][1]);
-        }
-#pragma unroll
-        for (int t = 0; t < kNB; ++t) mma_bf16_16816(sacc[t], af, bfr[t][0], bfr[t][1]);
-      }
-
-      if constexpr (PIPE) {
-        // Tile k+1's dequantization, between this tile's MMAs and its softmax: no barrier in
-        // between, so one warp's conversions run while another's MMAs occupy the tensor cores.
-        if (k + 1 < nt) dequant(kb ^ 1, (k + 1) & (T::kValidBufs - 1), kb ^ 1);
+        for (int t = 0; t < 4; ++t) mma_bf16_16816(sacc[t], af, bfr[t][0], bfr[t][1]);
       }
 
       // ---- online softmax (log2 domain) ----
-      const uint8_t* vflag = sValid + vb * kTN + kTN / 2 * wn + 2 * tig;
+      const uint8_t* vflag = sValid + buf * kBlockN + 32 * wn + 2 * tig;
       float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int t = 0; t < kNB; ++t) {
+      for (int t = 0; t < 4; ++t) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const bool v = vflag[8 * t + e] != 0;
@@ -346,9 +292,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
       m0 = mn0;
       m1 = mn1;
       float ps0 = 0.f, ps1 = 0.f;
-      bf16* p_out = sP + r0 * kPS + kTN / 2 * wn + 2 * tig;
+      bf16* p_out = sP + r0 * kPS + 32 * wn + 2 * tig;
 #pragma unroll
-      for (int t = 0; t < kNB; ++t) {
+      for (int t = 0; t < 4; ++t) {
         const float p0 = exp2f(sacc[t][0] - mu0), p1 = exp2f(sacc[t][1] - mu0);
         const float p2 = exp2f(sacc[t][2] - mu1), p3 = exp2f(sacc[t][3] - mu1);
         ps0 += p0 + p1;
@@ -368,15 +314,14 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
       named_barrier_sync(bar_id, 64);  // P [16 heads x 64 keys] of both warps in shared
 
       // ---- O[16 heads x 256 columns] += P V ----
-      const bf16* vf = v_frag + kb * kKBufElems;
 #pragma unroll
-      for (int kk = 0; kk < kTN / 16; ++kk) {
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
         uint32_t af[4];
         ldsm_x4(p_frag + 16 * kk, af[0], af[1], af[2], af[3]);
 #pragma unroll
         for (int jj = 0; jj < 16; ++jj) {
           uint32_t b0, b1, b2, b3;
-          ldsm_x4_trans(vf + 16 * kk * kQS + 16 * jj, b0, b1, b2, b3);
+          ldsm_x4_trans(v_frag + 16 * kk * kQS + 16 * jj, b0, b1, b2, b3);
           mma_bf16_16816(acc[2 * jj], af, b0, b1);
           mma_bf16_16816(acc[2 * jj + 1], af, b2, b3);
         }
@@ -464,10 +409,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
   }
 }
 
-template <int LAYOUT, bool PIPE>
+template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
-  constexpr int kSmem = SmemPlan<LAYOUT, PIPE>::kBytes;
-  auto kernel = sparse_decode_kernel<LAYOUT, PIPE>;
+  constexpr int kSmem = SmemPlan<LAYOUT>::kBytes;
+  auto kernel = sparse_decode_kernel<LAYOUT>;
   // Opting in to > 48 KB of dynamic shared memory is a per-device function attribute: set it
   // once per device (idempotent, so a race between threads only repeats the call).
   static std::atomic<uint64_t> configured{0};
@@ -488,8 +433,8 @@ cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
 }  // namespace tmla::sm90::sparse_decode
 
 namespace tmla::sm90 {
-template <int LAYOUT, bool PIPE>
+template <int LAYOUT>
 cudaError_t launch_sparse_decode(const SparseDecodeArgs& a, cudaStream_t stream) {
-  return sparse_decode::launch<LAYOUT, PIPE>(a, stream);
+  return sparse_decode::launch<LAYOUT>(a, stream);
 }
 }  // namespace tmla::sm90

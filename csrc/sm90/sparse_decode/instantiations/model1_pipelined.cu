@@ -1,8 +1,0 @@
-// SM90 sparse_decode, MODEL1 cache layout (d_qk 512), pipelined main loop (experimental, see
-// config.h). One instantiation per translation unit, so the build compiles them in parallel.
-#include "sm90/sparse_decode/kernel.cuh"
-
-namespace tmla::sm90 {
-template cudaError_t launch_sparse_decode<TMLA_LAYOUT_MODEL1, true>(const SparseDecodeArgs&,
-                                                                   cudaStream_t);
-}  // namespace tmla::sm90

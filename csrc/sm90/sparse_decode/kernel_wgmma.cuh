@@ -1,0 +1,566 @@
+// SM90 sparse_decode, warp-specialized wgmma kernel (experimental: runs when
+// TORCH_MLA_NATIVE_DECODE_WGMMA=1; see csrc/README.md for its measurements).
+//
+// One CTA = 384 threads = three warpgroups for one (64-head group, s_q token, schedule part),
+// walking the same batch elements and 64-key tiles as the serial kernel (kernel.cuh):
+// * warpgroup 2, the producer, gathers each tile's 64 tokens with 16-byte non-coherent loads
+//   (two threads a token; the next tile's rows are prefetched into L2 one tile ahead),
+//   dequantizes them (bit-exact with the reference, common/fp8.cuh) straight into one of two
+//   bf16 K stages, and signals the stage's `full` mbarrier;
+// * warpgroups 0 and 1, the consumers, own value columns 256 w .. 256 w + 255 of O
+//   (64 heads x 256 f32 = 128 accumulators a thread). Per tile, warpgroup w computes
+//   S = Q K^T for keys 32 w .. 32 w + 31 (wgmma 64x32x16, both operands in shared memory),
+//   the two exchange row maxima through shared memory, each writes its half of P (bf16) to
+//   shared memory, and each runs O += P V for its 256 columns over all 64 keys (wgmma
+//   64x256x16, V = the first 512 columns of the same K stage read MN-major). After that
+//   they release the stage through its `empty` mbarrier.
+// So dequantization (producer) overlaps the tensor-core work (consumers) of the previous tile,
+// and a warpgroup reads each wgmma B operand from shared memory once instead of once per warp.
+//
+// Shared memory (V32 225 KB, MODEL1 201 KB): Q, two K stages, all [64 x d_qk] bf16 in the
+// 128-byte-swizzled K-major layout wgmma reads (Plan::LayoutQK; sw128() is the same map
+// written out for the producer's stores), P [64 x 64], row max / sum exchange, validity flags.
+//
+// Synchronization:
+// * full[s] (128 producer arrivals) / empty[s] (256 consumer arrivals), s = tile counter & 1,
+//   phase = (tile counter >> 1) & 1; the producer waits empty with the opposite parity, which
+//   a fresh barrier satisfies at once. Producer stores are made visible to wgmma (the async
+//   proxy) by fence.proxy.async before the arrival; flags ride on the mbarrier's release.
+// * The consumers meet at named barriers (256 threads): kBarMax (row maxima exchanged),
+//   kBarP (both halves of P written and fenced), kBarSum (row sums), kBarElem (before and
+//   after loading the next element's Q). P is rewritten only after the next kBarMax, which
+//   each warpgroup reaches after waiting for its own PV wgmma.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "sm90/sparse_decode/kernel.cuh"
+
+namespace tmla::sm90::sparse_decode_wgmma {
+
+using namespace cute;
+using sparse_decode::kBlockN;
+using sparse_decode::Layout;
+using sparse_decode::load_index;
+using sparse_decode::Ranges;
+using bf16 = __nv_bfloat16;
+using cbf16 = cutlass::bfloat16_t;
+
+constexpr int kThreads = 384;
+constexpr int kConsumerThreads = 256;
+constexpr int kStages = 2;
+// setmaxnreg budgets. The pool is what the CTA got at launch, 384 x 168 (the launch-bounds cap)
+// = 64512 registers: 2 x 128 x 200 + 128 x 104 = 64512. An allocation beyond the pool never
+// completes (the consumers would wait forever). The consumers need ~184 (128 O accumulators
+// + 16 of S); the producer holds a half token of FP8 bytes in flight.
+constexpr int kConsumerRegs = 200;
+constexpr int kProducerRegs = 104;
+static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= kThreads * 168,
+              "register budgets exceed the CTA's pool");
+// named barriers (0 is __syncthreads)
+constexpr int kBarMax = 1, kBarP = 2, kBarSum = 3, kBarElem = 4;
+
+template <int LAYOUT>
+struct Plan {
+  static constexpr int kD = Layout<LAYOUT>::kDqk;
+  using LayoutQK =
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<cbf16>{}, Shape<_64, Int<kD>>{}));
+  // V^T view of a K stage: (value column, key) -> the same element as K (key, column)
+  using LayoutVt =
+      decltype(composition(LayoutQK{}, make_layout(Shape<_512, _64>{}, Stride<_64, _1>{})));
+  using LayoutP = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<cbf16>{}, Shape<_64, _64>{}));
+  static constexpr int kTile = 64 * kD * 2;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kTile;
+  static constexpr int kP = kK + kStages * kTile;
+  static constexpr int kRedMax = kP + 64 * 64 * 2;    // f32 [2][64]
+  static constexpr int kRedSum = kRedMax + 2 * 64 * 4;  // f32 [2][64]
+  static constexpr int kValid = kRedSum + 2 * 64 * 4;   // u8 [stages][64]
+  static constexpr int kBar = kValid + kStages * 64;    // u64 full[stages], empty[stages]
+  static constexpr int kBytes = kBar + 2 * kStages * 8;
+  static_assert(kTile % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
+  static_assert(kBytes <= 227 * 1024, "shared memory plan exceeds the 227 KB of an SM90 CTA");
+};
+
+// Byte offset of element (row, col) of a [64 x d] bf16 tile in Plan::LayoutQK (8 x 64 atoms of
+// 1024 bytes, atoms down the rows first; 16-byte unit u of row r stored at unit u ^ (r % 8)).
+__device__ __forceinline__ int sw128(int row, int col) {
+  return ((row >> 3) + 8 * (col >> 6)) * 1024 + (row & 7) * 128 +
+         ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2;
+}
+
+__device__ __forceinline__ uint4 ldg_stream_16(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, int bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// What one CTA does for batch element i: its tile ranges, and where its result goes.
+struct ElementPlan {
+  Ranges r;
+  int split, nsp;
+  bool run;
+};
+
+// The same rules as the serial kernel (and the Triton backend): the schedule part's key blocks
+// of element i, rounded to 64-key tiles per key set.
+__device__ __forceinline__ ElementPlan element_plan(const SparseDecodeArgs& a, int i, int b_begin,
+                                                    int blk_begin, int b_end, int blk_end,
+                                                    int first_split, int sched_bn) {
+  const int lm = a.main.lengths ? min(max(__ldg(a.main.lengths + i), 0), a.main.topk) : a.main.topk;
+  int le = 0;
+  if (a.extra.indices != nullptr) {
+    le = a.extra.lengths ? min(max(__ldg(a.extra.lengths + i), 0), a.extra.topk) : a.extra.topk;
+  }
+  const int nbm = cdiv(lm, kBlockN);
+  const int nb = nbm + cdiv(le, kBlockN);
+  const int ns0 = __ldg(a.num_splits + i);
+  ElementPlan e;
+  e.nsp = __ldg(a.num_splits + i + 1) - ns0;
+  e.split = i == b_begin ? first_split : ns0;
+  int lo = i == b_begin ? static_cast<int>(cdiv64(static_cast<int64_t>(blk_begin) * sched_bn, kBlockN)) : 0;
+  int hi = i == b_end ? static_cast<int>(cdiv64(static_cast<int64_t>(blk_end) * sched_bn, kBlockN)) : nb;
+  if (e.split - ns0 == e.nsp - 1) hi = nb;  // the last part of a batch element runs to its end
+  hi = min(hi, nb);
+  lo = max(min(lo, hi), 0);
+  e.run = !(e.nsp <= 0 || e.split < 0 || e.split >= a.n_ws);
+  e.r.lm = lm;
+  e.r.le = le;
+  e.r.m_lo = min(lo, nbm) * kBlockN;
+  e.r.ntm = min(hi, nbm) - min(lo, nbm);
+  e.r.e_lo = (max(lo, nbm) - nbm) * kBlockN;
+  e.r.nte = max(hi, nbm) - max(lo, nbm);
+  return e;
+}
+
+// Producer: this thread's half of token `tok` of tile k (index idx) -> K stage `ktile`
+// (bf16, swizzled), zeros for an invalid key; its validity flag (half 0 writes it).
+// V32: NoPE chunks (64 columns) 4 h .. 4 h + 3 with scales 2 h, 2 h + 1, RoPE pieces
+// (8 bf16) 4 h .. 4 h + 3. MODEL1: NoPE chunks 4 h .. min(4 h + 4, 7), RoPE pieces 4 h ..
+template <int LAYOUT>
+__device__ __forceinline__ void fill_half_token(const SparseDecodeArgs& a, const Ranges& r, int k,
+                                                int idx, int tok, int half, uint8_t* ktile,
+                                                uint8_t* flags) {
+  using L = Layout<LAYOUT>;
+  constexpr int kChunks = 4;  // NoPE chunks a half handles at most
+  const bool ex = k >= r.ntm;
+  const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
+  const bool valid = idx >= 0 && static_cast<int64_t>(idx) < slots;
+  if (half == 0) flags[tok] = valid ? 1 : 0;
+  uint8_t* dst = ktile;
+  const int c0 = kChunks * half;
+  if (!valid) {
+    const uint4 z = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      if (c0 + c < L::kNopeChunks) {
+#pragma unroll
+        for (int u = 0; u < 8; ++u) *reinterpret_cast<uint4*>(dst + sw128(tok, 64 * (c0 + c) + 8 * u)) = z;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint4*>(dst + sw128(tok, L::kDnope + 8 * (4 * half + j))) = z;
+    return;
+  }
+  const int bs = ex ? a.extra.block_size : a.main.block_size;
+  const int blk = idx / bs;
+  const int off = idx - blk * bs;
+  const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
+                        static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
+  const uint8_t* src = base + static_cast<int64_t>(off) * L::kTokenBytes;
+  // every load first (they are independent), then the conversions
+  uint4 raw[kChunks][4];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      raw[c][u] = c0 + c < L::kNopeChunks ? ldg_stream_16(src + 64 * (c0 + c) + 16 * u)
+                                          : make_uint4(0, 0, 0, 0);
+    }
+  }
+  // RoPE (bf16, copied as is): cp.async straight into the stage, so it holds no registers;
+  // the producer waits for it before signalling the stage full
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    cp_async_16(dst + sw128(tok, L::kDnope + 8 * (4 * half + j)), src + L::kRopeOffset + 16 * (4 * half + j));
+  }
+  float scale[kChunks];
+  if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
+    const float2 s2 = __ldg(reinterpret_cast<const float2*>(src + L::kScaleOffset + 8 * half));
+    scale[0] = scale[1] = s2.x;
+    scale[2] = scale[3] = s2.y;
+  } else {
+    const uint2 w = __ldg(reinterpret_cast<const uint2*>(
+        base + static_cast<int64_t>(bs) * L::kTokenBytes + static_cast<int64_t>(off) * L::kScaleBytes));
+    const uint32_t word = half ? w.y : w.x;  // ue8m0 bytes of chunks 4 h .. 4 h + 3
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) scale[c] = ue8m0_to_float((word >> (8 * c)) & 0xffu);
+  }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    if (c0 + c < L::kNopeChunks) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        uint4 lo, hi;
+        dequant16(raw[c][u], scale[c], lo, hi);
+        *reinterpret_cast<uint4*>(dst + sw128(tok, 64 * (c0 + c) + 16 * u)) = lo;
+        *reinterpret_cast<uint4*>(dst + sw128(tok, 64 * (c0 + c) + 16 * u + 8)) = hi;
+      }
+    }
+  }
+}
+
+// L2 prefetch of the bytes fill_half_token will read for index idx of tile k (half 0: the
+// token's row; half 1, MODEL1: its scale word).
+template <int LAYOUT>
+__device__ __forceinline__ void prefetch_token(const SparseDecodeArgs& a, const Ranges& r, int k,
+                                               int idx, int half) {
+  using L = Layout<LAYOUT>;
+  if (k >= r.ntm + r.nte) return;
+  const bool ex = k >= r.ntm;
+  const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
+  if (idx < 0 || static_cast<int64_t>(idx) >= slots) return;
+  const int bs = ex ? a.extra.block_size : a.main.block_size;
+  const int blk = idx / bs;
+  const int off = idx - blk * bs;
+  const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
+                        static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
+  if (half == 0) {
+    prefetch_l2_bulk(base + static_cast<int64_t>(off) * L::kTokenBytes, L::kTokenBytes);
+  } else if constexpr (L::kScaleBytes > 0) {
+    prefetch_l2(base + static_cast<int64_t>(bs) * L::kTokenBytes + static_cast<int64_t>(off) * L::kScaleBytes);
+  }
+}
+
+template <int LAYOUT>
+__global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const SparseDecodeArgs a) {
+  using L = Layout<LAYOUT>;
+  using P = Plan<LAYOUT>;
+  constexpr int kD = L::kDqk;
+  using Barrier = cutlass::arch::ClusterBarrier;
+
+  extern __shared__ __align__(1024) uint8_t smem[];
+  uint8_t* sValid = smem + P::kValid;
+  float* sRedMax = reinterpret_cast<float*>(smem + P::kRedMax);
+  float* sRedSum = reinterpret_cast<float*>(smem + P::kRedSum);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + P::kBar);
+  uint64_t* empty = full + kStages;
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;   // 0, 1: consumers; 2: producer
+  const int wt = tid & 127;  // thread within its warpgroup
+  if (tid == 0) {
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      Barrier::init(&full[st], 128);
+      Barrier::init(&empty[st], kConsumerThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int hg = blockIdx.x;    // 64-head group
+  const int s = blockIdx.y;     // query token
+  const int part = blockIdx.z;  // schedule part
+  const int* meta = a.sched + part * kScheduleWidth;
+  const int b_begin = __ldg(meta + 0);
+  const int blk_begin = __ldg(meta + 1);
+  const int b_end = __ldg(meta + 2);
+  const int blk_end = __ldg(meta + 3);
+  const int first_split = __ldg(meta + 4);
+  const int sched_bn = __ldg(meta + 5) > 0 ? __ldg(meta + 5) : kBlockN;
+  if (b_begin >= a.b) return;  // empty part (uniform over the CTA)
+  const int b_last = min(b_end, a.b - 1);
+  const bool has_extra = a.extra.indices != nullptr;
+
+  if (wg == 2) {
+    // ======================================= producer =======================================
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    const int tok = wt >> 1;
+    const int half = wt & 1;
+    int it = 0;
+#pragma unroll 1
+    for (int i = b_begin; i <= b_last; ++i) {
+      const ElementPlan e = element_plan(a, i, b_begin, blk_begin, b_end, blk_end, first_split, sched_bn);
+      const int nt = e.r.ntm + e.r.nte;
+      if (!e.run || nt == 0) continue;
+      const int* row_m = a.main.indices + i * a.main.stride_b + s * a.main.stride_s;
+      const int* row_e = has_extra ? a.extra.indices + i * a.extra.stride_b + s * a.extra.stride_s : row_m;
+      int idx = load_index(row_m, row_e, e.r, 0, tok);
+#pragma unroll 1
+      for (int k = 0; k < nt; ++k, ++it) {
+        const int idx_next = load_index(row_m, row_e, e.r, k + 1, tok);
+        prefetch_token<LAYOUT>(a, e.r, k + 1, idx_next, half);
+        const int st = it & 1;
+        Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
+        fill_half_token<LAYOUT>(a, e.r, k, idx, tok, half, smem + P::kK + st * P::kTile,
+                                sValid + st * 64);
+        cp_async_wait_all();                         // this thread's RoPE copies landed
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma's reads
+        Barrier::arrive(&full[st]);
+        idx = idx_next;
+      }
+    }
+    return;
+  }
+
+  // ======================================= consumers ========================================
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  const int w = wg;  // QK: keys 32 w ..; PV: value columns 256 w ..
+  const int lane = wt & 31;
+  const int r0 = 16 * (wt >> 5) + (lane >> 2);  // accumulator rows r0, r0 + 8
+  const int q2 = 2 * (lane & 3);                // accumulator column pair within 8
+  auto mma_qk = make_tiled_mma(SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{});
+  auto mma_pv = make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{});
+  auto thr_qk = mma_qk.get_thread_slice(wt);
+  auto thr_pv = mma_pv.get_thread_slice(wt);
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<cbf16*>(smem + P::kQ)), typename P::LayoutQK{});
+  Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<cbf16*>(smem + P::kP)), typename P::LayoutP{});
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, _256>{});
+  uint8_t* sPb = smem + P::kP;
+  int it = 0;
+
+#pragma unroll 1
+  for (int i = b_begin; i <= b_last; ++i) {
+    const ElementPlan e = element_plan(a, i, b_begin, blk_begin, b_end, blk_end, first_split, sched_bn);
+    if (!e.run) continue;  // uniform over the CTA
+    const int nt = e.r.ntm + e.r.nte;
+    named_barrier_sync(kBarElem, kConsumerThreads);  // both are past the last element's sQ reads
+    if (nt > 0) {
+      // Q [64 heads x d_qk] -> shared (heads >= h_q as zeros: computed, never stored)
+      const bf16* qb = a.q + i * a.q_stride_b + s * a.q_stride_s;
+      constexpr int kChunks = kD / 8;
+#pragma unroll 2
+      for (int c = tid; c < 64 * kChunks; c += kConsumerThreads) {
+        const int row = c / kChunks;
+        const int ch = c - row * kChunks;
+        const int head = 64 * hg + row;
+        uint8_t* dst = smem + P::kQ + sw128(row, 8 * ch);
+        if (head < a.h_q) {
+          cp_async_16(dst, qb + head * a.q_stride_h + 8 * ch);
+        } else {
+          *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      cp_async_commit();
+      cp_async_wait_all();
+      cutlass::arch::fence_view_async_shared();
+      named_barrier_sync(kBarElem, kConsumerThreads);
+    }
+
+    clear(tOrO);
+    float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain) of rows r0, r0 + 8
+    float l0 = 0.f, l1 = 0.f;              // this thread's share of the running sums
+
+#pragma unroll 1
+    for (int k = 0; k < nt; ++k, ++it) {
+      const int st = it & 1;
+      Barrier::wait(&full[st], (it >> 1) & 1);
+      cbf16* kst = reinterpret_cast<cbf16*>(smem + P::kK + st * P::kTile);
+
+      // ---- S = Q K^T for 64 heads x keys 32 w .. 32 w + 31 ----
+      Tensor sK = make_tensor(make_smem_ptr(kst), typename P::LayoutQK{});
+      Tensor tSrK = thr_qk.partition_fragment_B(local_tile(sK, Shape<_32, Int<kD>>{}, make_coord(w, _0{})));
+      Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, _32>{});
+      warpgroup_fence_operand(tSrS);
+      warpgroup_arrive();
+      mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+        mma_qk.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+
+      // ---- online softmax (log2 domain); S element 4 n + 2 h + e: row r0 + 8 h, key 8 n + q2 + e
+      const uint8_t* vflag = sValid + st * 64 + 32 * w + q2;
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+      CUTE_UNROLL
+      for (int n = 0; n < 4; ++n) {
+        CUTE_UNROLL
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const bool v = vflag[8 * n + e2] != 0;
+          tSrS(4 * n + e2) = v ? tSrS(4 * n + e2) * a.scale_log2 : -INFINITY;
+          tSrS(4 * n + 2 + e2) = v ? tSrS(4 * n + 2 + e2) * a.scale_log2 : -INFINITY;
+          mx0 = fmaxf(mx0, tSrS(4 * n + e2));
+          mx1 = fmaxf(mx1, tSrS(4 * n + 2 + e2));
+        }
+      }
+      mx0 = warp_quad_max(mx0);
+      mx1 = warp_quad_max(mx1);
+      if ((lane & 3) == 0) {
+        sRedMax[w * 64 + r0] = mx0;
+        sRedMax[w * 64 + r0 + 8] = mx1;
+      }
+      named_barrier_sync(kBarMax, kConsumerThreads);
+      const float mn0 = fmaxf(m0, fmaxf(mx0, sRedMax[(w ^ 1) * 64 + r0]));
+      const float mn1 = fmaxf(m1, fmaxf(mx1, sRedMax[(w ^ 1) * 64 + r0 + 8]));
+      // A row that has seen no valid key keeps max -inf: shift by 0 there (no -inf - -inf).
+      const float mu0 = mn0 == -INFINITY ? 0.f : mn0;
+      const float mu1 = mn1 == -INFINITY ? 0.f : mn1;
+      const float alpha0 = exp2f(m0 - mu0);
+      const float alpha1 = exp2f(m1 - mu1);
+      m0 = mn0;
+      m1 = mn1;
+      float ps0 = 0.f, ps1 = 0.f;
+      CUTE_UNROLL
+      for (int n = 0; n < 4; ++n) {
+        const float p0 = exp2f(tSrS(4 * n + 0) - mu0), p1 = exp2f(tSrS(4 * n + 1) - mu0);
+        const float p2 = exp2f(tSrS(4 * n + 2) - mu1), p3 = exp2f(tSrS(4 * n + 3) - mu1);
+        ps0 += p0 + p1;
+        ps1 += p2 + p3;
+        const int key = 32 * w + 8 * n + q2;
+        *reinterpret_cast<uint32_t*>(sPb + sw128(r0, key)) = pack_bf16x2(p0, p1);
+        *reinterpret_cast<uint32_t*>(sPb + sw128(r0 + 8, key)) = pack_bf16x2(p2, p3);
+      }
+      l0 = l0 * alpha0 + ps0;
+      l1 = l1 * alpha1 + ps1;
+      CUTE_UNROLL
+      for (int j = 0; j < 32; ++j) {
+        tOrO(4 * j + 0) *= alpha0;
+        tOrO(4 * j + 1) *= alpha0;
+        tOrO(4 * j + 2) *= alpha1;
+        tOrO(4 * j + 3) *= alpha1;
+      }
+      cutlass::arch::fence_view_async_shared();  // P stores -> wgmma's reads
+      named_barrier_sync(kBarP, kConsumerThreads);
+
+      // ---- O[64 heads x 256 columns] += P V ----
+      Tensor sVt = make_tensor(make_smem_ptr(kst), typename P::LayoutVt{});
+      Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, Shape<_256, _64>{}, make_coord(w, _0{})));
+      warpgroup_fence_operand(tOrO);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      Barrier::arrive(&empty[st]);
+    }
+
+    // ---- finish: total row sums, then out / lse (only part) or a split-KV partial ----
+    l0 = warp_quad_sum(l0);
+    l1 = warp_quad_sum(l1);
+    if ((lane & 3) == 0) {
+      sRedSum[w * 64 + r0] = l0;
+      sRedSum[w * 64 + r0 + 8] = l1;
+    }
+    named_barrier_sync(kBarSum, kConsumerThreads);
+    const float lt0 = sRedSum[r0] + sRedSum[64 + r0];  // same order in both warpgroups
+    const float lt1 = sRedSum[r0 + 8] + sRedSum[64 + r0 + 8];
+    const bool has0 = lt0 > 0.f, has1 = lt1 > 0.f;
+    const float lse2_0 = has0 ? m0 + log2f(lt0) : -INFINITY;
+    const float lse2_1 = has1 ? m1 + log2f(lt1) : -INFINITY;
+    float inv0 = has0 ? 1.f / lt0 : 0.f;
+    float inv1 = has1 ? 1.f / lt1 : 0.f;
+    const int head0 = 64 * hg + r0, head1 = head0 + 8;
+    const int col0 = 256 * w + q2;
+
+    if (e.nsp == 1) {
+      // The only part of batch element i: normalize, apply the sink, write out / lse directly.
+      if (a.attn_sink != nullptr) {
+        // out *= 1 / (1 + exp(sink - lse)); +inf sink -> 0, -inf sink -> 1.
+        if (has0 && head0 < a.h_q) inv0 = inv0 / (1.f + exp2f(__ldg(a.attn_sink + head0) * kLog2e - lse2_0));
+        if (has1 && head1 < a.h_q) inv1 = inv1 / (1.f + exp2f(__ldg(a.attn_sink + head1) * kLog2e - lse2_1));
+      }
+      const int d_v = a.d_v;
+      const bool pairs = (d_v & 1) == 0;  // 4-byte aligned bf16 pairs
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int head = h ? head1 : head0;
+        const float inv = h ? inv1 : inv0;
+        if (head < a.h_q) {
+          bf16* o = a.out + (static_cast<int64_t>(i) * a.s_q + s) * a.h_q * d_v + static_cast<int64_t>(head) * d_v;
+          CUTE_UNROLL
+          for (int j = 0; j < 32; ++j) {
+            const int col = col0 + 8 * j;
+            const float v0 = tOrO(4 * j + 2 * h) * inv, v1 = tOrO(4 * j + 2 * h + 1) * inv;
+            if (col + 1 < d_v) {
+              if (pairs) {
+                *reinterpret_cast<uint32_t*>(o + col) = pack_bf16x2(v0, v1);
+              } else {
+                o[col] = __float2bfloat16_rn(v0);
+                o[col + 1] = __float2bfloat16_rn(v1);
+              }
+            } else if (col < d_v) {
+              o[col] = __float2bfloat16_rn(v0);
+            }
+          }
+        }
+      }
+      if (w == 0 && (lane & 3) == 0) {
+        if (head0 < a.h_q) a.lse[(static_cast<int64_t>(i) * a.h_q + head0) * a.s_q + s] = has0 ? lse2_0 * kLn2 : INFINITY;
+        if (head1 < a.h_q) a.lse[(static_cast<int64_t>(i) * a.h_q + head1) * a.s_q + s] = has1 ? lse2_1 * kLn2 : INFINITY;
+      }
+    } else {
+      // One of several parts: normalized partial output + its log2-sum-exp for the combine.
+      const int64_t wrow = (static_cast<int64_t>(e.split) * a.s_q + s) * a.h_q;
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int head = h ? head1 : head0;
+        const float inv = h ? inv1 : inv0;
+        if (head < a.h_q) {
+          float* wo = a.ws_o + (wrow + head) * kDecodeDvMax + col0;
+          CUTE_UNROLL
+          for (int j = 0; j < 32; ++j) {
+            *reinterpret_cast<float2*>(wo + 8 * j) =
+                make_float2(tOrO(4 * j + 2 * h) * inv, tOrO(4 * j + 2 * h + 1) * inv);
+          }
+        }
+      }
+      if (w == 0 && (lane & 3) == 0) {
+        if (head0 < a.h_q) a.ws_lse[wrow + head0] = lse2_0;
+        if (head1 < a.h_q) a.ws_lse[wrow + head1] = lse2_1;
+      }
+    }
+  }
+}
+
+template <int LAYOUT>
+cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
+  constexpr int kSmem = Plan<LAYOUT>::kBytes;
+  auto kernel = sparse_decode_wgmma_kernel<LAYOUT>;
+  // > 48 KB of dynamic shared memory is a per-device opt-in: set it once per device.
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const dim3 grid(cdiv(a.h_q, 64), a.s_q, a.num_parts);
+  kernel<<<grid, kThreads, kSmem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace tmla::sm90::sparse_decode_wgmma
+
+namespace tmla::sm90 {
+template <int LAYOUT>
+cudaError_t launch_sparse_decode_wgmma(const SparseDecodeArgs& a, cudaStream_t stream) {
+  return sparse_decode_wgmma::launch<LAYOUT>(a, stream);
+}
+}  // namespace tmla::sm90
