@@ -4,7 +4,8 @@
 // One CTA = 384 threads = three warpgroups for one (64-head group, s_q token, schedule part),
 // walking the same batch elements and 64-key tiles as the serial kernel (kernel.cuh):
 // * warpgroup 2, the producer, gathers each tile's 64 tokens with 16-byte non-coherent loads
-//   (two threads a token; the next tile's rows are prefetched into L2 one tile ahead),
+//   (a warp instruction reads one whole token; rows are prefetched into L2 two tiles ahead,
+//   indices read three),
 //   dequantizes them (bit-exact with the reference, common/fp8.cuh) straight into one of two
 //   bf16 K stages, and signals the stage's `full` mbarrier;
 // * warpgroups 0 and 1, the consumers, own value columns 256 w .. 256 w + 255 of O
@@ -56,11 +57,11 @@ constexpr int kThreads = 384;
 constexpr int kConsumerThreads = 256;
 constexpr int kStages = 2;
 // setmaxnreg budgets. The pool is what the CTA got at launch, 384 x 168 (the launch-bounds cap)
-// = 64512 registers: 2 x 128 x 200 + 128 x 104 = 64512. An allocation beyond the pool never
+// = 64512 registers: 2 x 128 x 192 + 128 x 120 = 64512. An allocation beyond the pool never
 // completes (the consumers would wait forever). The consumers need ~184 (128 O accumulators
-// + 16 of S); the producer holds a half token of FP8 bytes in flight.
-constexpr int kConsumerRegs = 200;
-constexpr int kProducerRegs = 104;
+// + 16 of S); the producer holds 8 x 16 bytes of FP8 and their scales in flight.
+constexpr int kConsumerRegs = 192;
+constexpr int kProducerRegs = 120;
 static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= kThreads * 168,
               "register budgets exceed the CTA's pool");
 // named barriers (0 is __syncthreads)
@@ -149,90 +150,121 @@ __device__ __forceinline__ ElementPlan element_plan(const SparseDecodeArgs& a, i
   return e;
 }
 
-// Producer: this thread's half of token `tok` of tile k (index idx) -> K stage `ktile`
-// (bf16, swizzled), zeros for an invalid key; its validity flag (half 0 writes it).
-// V32: NoPE chunks (64 columns) 4 h .. 4 h + 3 with scales 2 h, 2 h + 1, RoPE pieces
-// (8 bf16) 4 h .. 4 h + 3. MODEL1: NoPE chunks 4 h .. min(4 h + 4, 7), RoPE pieces 4 h ..
+// Producer, one warp: its 16 tokens 4 i + wp (i = 0..15) of tile k -> K stage `ktile` (bf16,
+// swizzled), zero rows for invalid keys, and their validity flags. Lane i (< 16) holds the
+// index of token 4 i + wp (`idx`); it resolves the token's address once and hands it to the
+// other lanes with shuffles. Every load instruction of the warp then reads whole 128-byte lines:
+// for NoPE, lane l takes 16-byte chunk l of one token (V32: chunks 0..31 = 512 bytes; MODEL1:
+// 0..27 = 448 bytes, lanes 28..31 idle), so one instruction moves a whole token; for RoPE
+// (128 bytes), lanes 8 j .. 8 j + 7 copy one token's 8 pieces with cp.async. (A first version
+// gave each thread half a token, 16 consecutive 16-byte loads: every warp instruction touched
+// 32 lines, and the producer took 2.6x as long as the consumers.)
 template <int LAYOUT>
-__device__ __forceinline__ void fill_half_token(const SparseDecodeArgs& a, const Ranges& r, int k,
-                                                int idx, int tok, int half, uint8_t* ktile,
-                                                uint8_t* flags) {
+__device__ __forceinline__ void fill_warp_tokens(const SparseDecodeArgs& a, const Ranges& r, int k,
+                                                 int idx, int wp, int lane, uint8_t* ktile,
+                                                 uint8_t* flags) {
   using L = Layout<LAYOUT>;
-  constexpr int kChunks = 4;  // NoPE chunks a half handles at most
+  constexpr int kNopeLanes = L::kDnope / 16;  // 32 or 28
+  constexpr uint32_t kAll = 0xffffffffu;
   const bool ex = k >= r.ntm;
-  const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
-  const bool valid = idx >= 0 && static_cast<int64_t>(idx) < slots;
-  if (half == 0) flags[tok] = valid ? 1 : 0;
-  uint8_t* dst = ktile;
-  const int c0 = kChunks * half;
-  if (!valid) {
-    const uint4 z = make_uint4(0, 0, 0, 0);
+  // lane i < 16: token 4 i + wp's row (0 = invalid) and, MODEL1, its scale word
+  uint64_t row = 0, srow = 0;
+  {
+    const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
+    const bool valid = lane < 16 && idx >= 0 && static_cast<int64_t>(idx) < slots;
+    if (lane < 16) flags[4 * lane + wp] = valid ? 1 : 0;
+    if (valid) {
+      const int bs = ex ? a.extra.block_size : a.main.block_size;
+      const int blk = idx / bs;
+      const int off = idx - blk * bs;
+      const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
+                            static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
+      row = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(off) * L::kTokenBytes);
+      if constexpr (L::kScaleBytes > 0) {
+        srow = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(bs) * L::kTokenBytes +
+                                          static_cast<int64_t>(off) * L::kScaleBytes);
+      }
+    }
+  }
+  auto row_of = [&](uint64_t v, int src_lane) {
+    const uint32_t lo = __shfl_sync(kAll, static_cast<uint32_t>(v), src_lane);
+    const uint32_t hi = __shfl_sync(kAll, static_cast<uint32_t>(v >> 32), src_lane);
+    return reinterpret_cast<const uint8_t*>((static_cast<uint64_t>(hi) << 32) | lo);
+  };
+  const bool no_loads = (a.probe & 1) != 0;
+
+  // ---- RoPE: 4 instructions, 4 tokens x 8 pieces each ----
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      if (c0 + c < L::kNopeChunks) {
+  for (int j = 0; j < 4; ++j) {
+    const int i = 4 * j + (lane >> 3);  // token 4 i + wp
+    const uint8_t* src = row_of(row, i);
+    uint8_t* dst = ktile + sw128(4 * i + wp, L::kDnope + 8 * (lane & 7));
+    if (src != nullptr && !no_loads) {
+      cp_async_16(dst, src + L::kRopeOffset + 16 * (lane & 7));
+    } else if (src == nullptr) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // ---- NoPE: 16 instructions, one token each, in two batches of 8 (loads first, then the
+  // conversions; 16 in flight would not fit the producer's registers) ----
+  const bool nope_lane = lane < kNopeLanes;
+  // 16-byte units 2 l, 2 l + 1 of the row; lanes whose atom index (l / 4) is odd store the high
+  // unit first, so the 8 lanes of a store phase hit 8 different bank groups
+  const bool swap = ((lane >> 2) & 1) != 0;
+#pragma unroll 1
+  for (int b8 = 0; b8 < 16; b8 += 8) {
+    uint4 raw[8];
+    uint32_t scale[8];  // V32: the f32 scale's bits; MODEL1: the ue8m0 byte
+    bool valid[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) *reinterpret_cast<uint4*>(dst + sw128(tok, 64 * (c0 + c) + 8 * u)) = z;
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t* src = row_of(row, b8 + i);
+      // (shuffles stay outside the branch below: every lane must take part)
+      const uint8_t* ssrc = L::kScaleBytes > 0 ? row_of(srow, b8 + i) : nullptr;
+      valid[i] = src != nullptr;
+      raw[i] = make_uint4(i, lane, 0, 0);
+      scale[i] = 0x3f800000u;
+      if (valid[i] && nope_lane && !no_loads) {
+        raw[i] = ldg_stream_16(src + 16 * lane);
+        if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
+          scale[i] = __ldg(reinterpret_cast<const uint32_t*>(src + L::kScaleOffset) + (lane >> 3));
+        } else {
+          scale[i] = __ldg(ssrc + (lane >> 2));
+        }
       }
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint4*>(dst + sw128(tok, L::kDnope + 8 * (4 * half + j))) = z;
-    return;
-  }
-  const int bs = ex ? a.extra.block_size : a.main.block_size;
-  const int blk = idx / bs;
-  const int off = idx - blk * bs;
-  const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
-                        static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
-  const uint8_t* src = base + static_cast<int64_t>(off) * L::kTokenBytes;
-  // every load first (they are independent), then the conversions
-  uint4 raw[kChunks][4];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      raw[c][u] = c0 + c < L::kNopeChunks ? ldg_stream_16(src + 64 * (c0 + c) + 16 * u)
-                                          : make_uint4(0, 0, 0, 0);
-    }
-  }
-  // RoPE (bf16, copied as is): cp.async straight into the stage, so it holds no registers;
-  // the producer waits for it before signalling the stage full
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    cp_async_16(dst + sw128(tok, L::kDnope + 8 * (4 * half + j)), src + L::kRopeOffset + 16 * (4 * half + j));
-  }
-  float scale[kChunks];
-  if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
-    const float2 s2 = __ldg(reinterpret_cast<const float2*>(src + L::kScaleOffset + 8 * half));
-    scale[0] = scale[1] = s2.x;
-    scale[2] = scale[3] = s2.y;
-  } else {
-    const uint2 w = __ldg(reinterpret_cast<const uint2*>(
-        base + static_cast<int64_t>(bs) * L::kTokenBytes + static_cast<int64_t>(off) * L::kScaleBytes));
-    const uint32_t word = half ? w.y : w.x;  // ue8m0 bytes of chunks 4 h .. 4 h + 3
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) scale[c] = ue8m0_to_float((word >> (8 * c)) & 0xffu);
-  }
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    if (c0 + c < L::kNopeChunks) {
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        uint4 lo, hi;
-        dequant16(raw[c][u], scale[c], lo, hi);
-        *reinterpret_cast<uint4*>(dst + sw128(tok, 64 * (c0 + c) + 16 * u)) = lo;
-        *reinterpret_cast<uint4*>(dst + sw128(tok, 64 * (c0 + c) + 16 * u + 8)) = hi;
+    for (int i = 0; i < 8; ++i) {
+      if (nope_lane) {
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+        if (valid[i]) {
+          lo = hi = raw[i];
+          // (An integer-op path for power-of-two scales, e4m3 bits re-biased into bf16 and one
+          // bf16 multiply, measured slower here: 735 vs 638 us at V32 b=128: the producer is
+          // bound by integer issue slots, not by the conversion unit.)
+          if (!(a.probe & 2)) {
+            dequant16(raw[i], LAYOUT == TMLA_LAYOUT_V32 ? __uint_as_float(scale[i]) : ue8m0_to_float(scale[i]),
+                      lo, hi);
+          }
+        }
+        const int t = 4 * (b8 + i) + wp;
+        uint8_t* d0 = ktile + sw128(t, 16 * lane);
+        uint8_t* d1 = ktile + sw128(t, 16 * lane + 8);
+        *reinterpret_cast<uint4*>(swap ? d1 : d0) = swap ? hi : lo;
+        *reinterpret_cast<uint4*>(swap ? d0 : d1) = swap ? lo : hi;
       }
     }
   }
 }
 
-// L2 prefetch of the bytes fill_half_token will read for index idx of tile k (half 0: the
-// token's row; half 1, MODEL1: its scale word).
+// L2 prefetch of what fill_warp_tokens will read for token index idx of tile k (lanes < 16:
+// the token's row; MODEL1 also its scale word).
 template <int LAYOUT>
 __device__ __forceinline__ void prefetch_token(const SparseDecodeArgs& a, const Ranges& r, int k,
-                                               int idx, int half) {
+                                               int idx, int lane) {
   using L = Layout<LAYOUT>;
-  if (k >= r.ntm + r.nte) return;
+  if (lane >= 16 || k >= r.ntm + r.nte) return;
   const bool ex = k >= r.ntm;
   const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
   if (idx < 0 || static_cast<int64_t>(idx) >= slots) return;
@@ -241,9 +273,8 @@ __device__ __forceinline__ void prefetch_token(const SparseDecodeArgs& a, const 
   const int off = idx - blk * bs;
   const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
                         static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
-  if (half == 0) {
-    prefetch_l2_bulk(base + static_cast<int64_t>(off) * L::kTokenBytes, L::kTokenBytes);
-  } else if constexpr (L::kScaleBytes > 0) {
+  prefetch_l2_bulk(base + static_cast<int64_t>(off) * L::kTokenBytes, L::kTokenBytes);
+  if constexpr (L::kScaleBytes > 0) {
     prefetch_l2(base + static_cast<int64_t>(bs) * L::kTokenBytes + static_cast<int64_t>(off) * L::kScaleBytes);
   }
 }
@@ -292,8 +323,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   if (wg == 2) {
     // ======================================= producer =======================================
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    const int tok = wt >> 1;
-    const int half = wt & 1;
+    const int wp = wt >> 5;   // producer warp: tokens 4 i + wp of each tile
+    const int lane = wt & 31;
+    const int tok = 4 * (lane & 15) + wp;  // the token whose index this lane holds
     int it = 0;
 #pragma unroll 1
     for (int i = b_begin; i <= b_last; ++i) {
@@ -302,19 +334,31 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
       if (!e.run || nt == 0) continue;
       const int* row_m = a.main.indices + i * a.main.stride_b + s * a.main.stride_s;
       const int* row_e = has_extra ? a.extra.indices + i * a.extra.stride_b + s * a.extra.stride_s : row_m;
-      int idx = load_index(row_m, row_e, e.r, 0, tok);
+      // Indices run three tiles ahead and L2 prefetches two: a gather then waits for neither
+      // its index nor HBM (measured: with the index one tile ahead and the prefetch issued right
+      // after it, the producer's two dependent round trips per tile made it 2.6x slower than
+      // the consumers).
+      int idx0 = load_index(row_m, row_e, e.r, 0, tok);
+      int idx1 = load_index(row_m, row_e, e.r, 1, tok);
+      int idx2 = load_index(row_m, row_e, e.r, 2, tok);
+      prefetch_token<LAYOUT>(a, e.r, 0, idx0, lane);
+      prefetch_token<LAYOUT>(a, e.r, 1, idx1, lane);
 #pragma unroll 1
       for (int k = 0; k < nt; ++k, ++it) {
-        const int idx_next = load_index(row_m, row_e, e.r, k + 1, tok);
-        prefetch_token<LAYOUT>(a, e.r, k + 1, idx_next, half);
+        const int idx3 = load_index(row_m, row_e, e.r, k + 3, tok);
+        prefetch_token<LAYOUT>(a, e.r, k + 2, idx2, lane);
         const int st = it & 1;
         Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
-        fill_half_token<LAYOUT>(a, e.r, k, idx, tok, half, smem + P::kK + st * P::kTile,
-                                sValid + st * 64);
+        if (!(a.probe & 16)) {
+          fill_warp_tokens<LAYOUT>(a, e.r, k, idx0, wp, lane, smem + P::kK + st * P::kTile,
+                                   sValid + st * 64);
+        }
         cp_async_wait_all();                         // this thread's RoPE copies landed
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma's reads
         Barrier::arrive(&full[st]);
-        idx = idx_next;
+        idx0 = idx1;
+        idx1 = idx2;
+        idx2 = idx3;
       }
     }
     return;
