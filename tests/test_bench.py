@@ -345,16 +345,16 @@ def test_unknown_names_are_rejected():
         cli.main(["--tiny", "--backends", "cudnn"])
 
 
-def test_native_wgmma_sets_the_switch_around_each_call(monkeypatch):
-    # the bench's "native-wgmma" backend: the native library reads the variable at each
+def test_native_serial_sets_the_switch_around_each_call(monkeypatch):
+    # the bench's "native-serial" backend: the native library reads the variable at each
     # call, so it must be set during the call (and during a CUDA-graph capture) and restored
     from torch_mla._dispatch import forced_backend
 
     monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_WGMMA", raising=False)
-    seen = C._native_wgmma(
+    seen = C._native_serial(
         lambda: (os.environ.get("TORCH_MLA_NATIVE_DECODE_WGMMA"), forced_backend()))()
-    assert seen == ("1", "native")
+    assert seen == ("0", "native")
     assert "TORCH_MLA_NATIVE_DECODE_WGMMA" not in os.environ
-    monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "0")
-    C._native_wgmma(lambda: None)()
-    assert os.environ["TORCH_MLA_NATIVE_DECODE_WGMMA"] == "0"
+    monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "1")
+    C._native_serial(lambda: None)()
+    assert os.environ["TORCH_MLA_NATIVE_DECODE_WGMMA"] == "1"

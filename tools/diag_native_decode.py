@@ -1,5 +1,5 @@
 """Where the native wgmma sparse_decode kernel spends its time: one bench case, timed (CUDA-graph
-replay, as the bench) on the serial kernel, the wgmma kernel, and the wgmma kernel under each
+replay, as the bench) on the serial kernel, FlashMLA, and the wgmma kernel (the default) under each
 profiling probe (TORCH_MLA_NATIVE_DECODE_PROBE, csrc/common/sparse_decode.h: 1 no producer
 loads, 2 no dequantization, 16 producer writes nothing, i.e. the consumers alone; results are
 wrong under a probe, only the time means something).
@@ -21,13 +21,13 @@ def main() -> None:
     case = next(c for c in C.all_cases() if c.op == "sparse_decode" and match in c.name)
     built = C.build(case, torch.device("cuda"))
     print(case.name, flush=True)
-    for name in ("native", "flashmla"):
+    for name in (C.NATIVE_SERIAL, "flashmla"):
         if name in built.calls:
             t, how = timing.cuda_graph_time(built.calls[name], replays=10)
             print(f"  {name:<18} {t * 1e6:9.1f} us  {how}", flush=True)
     for p in probes:
         os.environ["TORCH_MLA_NATIVE_DECODE_PROBE"] = str(p)
-        t, how = timing.cuda_graph_time(built.calls[C.NATIVE_WGMMA], replays=10)
+        t, how = timing.cuda_graph_time(built.calls["native"], replays=10)
         print(f"  wgmma probe {p:<6} {t * 1e6:9.1f} us  {how}", flush=True)
     os.environ.pop("TORCH_MLA_NATIVE_DECODE_PROBE", None)
 

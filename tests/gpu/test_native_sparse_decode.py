@@ -48,10 +48,11 @@ def native_library():
 # csrc/sm90/sparse_decode/): the library reads TORCH_MLA_NATIVE_DECODE_WGMMA at every call.
 @pytest.fixture(params=["serial", "wgmma"], autouse=True)
 def kernel_variant(request, monkeypatch):
+    # the wgmma kernel is the default: the variable unset must select it
     if request.param == "wgmma":
-        monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "1")
-    else:
         monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "0")
     return request.param
 
 

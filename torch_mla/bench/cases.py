@@ -11,8 +11,9 @@ from indexer_quantize of random bf16 (randn, unscaled). ``--tiny`` shrinks every
 dims stay real: the FP8 layouts fix them) so the whole table runs on a CPU in seconds.
 
 A backend is one of ``BACKENDS``: torch_mla's own ("triton", "native", "reference", forced with
-``torch_mla.use_backend``; for sparse_decode also "native-wgmma", the native library's
-experimental warp-specialized wgmma kernel, csrc/sm90/sparse_decode/kernel_wgmma.cuh) and the peers ("flashmla", for dense
+``torch_mla.use_backend``; for sparse_decode also "native-serial", the native library's first,
+serial mma.sync kernel instead of its default warp-specialized wgmma one, csrc/sm90/
+sparse_decode/) and the peers ("flashmla", for dense
 prefill "sdpa" and "flex", and "torch": a plain-PyTorch baseline of an indexer op, torch.topk
 for indexer_topk and a chunked bf16 formula for indexer_logits; every other case refuses it
 with a reason). ``baseline_of``
@@ -37,8 +38,8 @@ from . import flops as F
 from .peers import flashmla, flex_attention
 
 OURS = ("triton", "native", "reference")
-NATIVE_WGMMA = "native-wgmma"
-BACKENDS = OURS + (NATIVE_WGMMA, "flashmla", "sdpa", "flex", "torch")
+NATIVE_SERIAL = "native-serial"
+BACKENDS = OURS + (NATIVE_SERIAL, "flashmla", "sdpa", "flex", "torch")
 INDEXER_OPS = ("indexer_logits", "indexer_logits_paged", "indexer_topk", "indexer_quantize",
                "write_indexer_cache")
 OPS = ("dense_decode", "sparse_decode", "sparse_prefill", "sparse_prefill_bwd", "dense_prefill",
@@ -236,12 +237,12 @@ def _with_ours(fn: Callable[[], object], refused: Dict[str, str]) -> Dict[str, C
 _WGMMA_ENV = "TORCH_MLA_NATIVE_DECODE_WGMMA"  # read by the native library at every call
 
 
-def _native_wgmma(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn on the native backend with the experimental wgmma sparse_decode kernel (the
-    environment is set around each call, so a CUDA graph captures that kernel)."""
+def _native_serial(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn on the native backend with the serial sparse_decode kernel (the environment is set
+    around each call, so a CUDA graph captures that kernel)."""
     def call():
         old = os.environ.get(_WGMMA_ENV)
-        os.environ[_WGMMA_ENV] = "1"
+        os.environ[_WGMMA_ENV] = "0"
         try:
             with torch_mla.use_backend("native"):
                 return fn()
@@ -317,7 +318,7 @@ def _sparse_decode(sp, dev, gen) -> Built:
         q, cache, idx, extra_k_cache=ecache, extra_indices=eidx, d_v=d_v, sm_scale=scale,
         schedule=sched)
     calls = _with_ours(call, refused)
-    calls[NATIVE_WGMMA] = _native_wgmma(call)
+    calls[NATIVE_SERIAL] = _native_serial(call)
     mod, why = flashmla()
     if mod is None:
         refused["flashmla"] = why
@@ -571,7 +572,7 @@ def _write_indexer_cache(sp, dev, gen) -> Built:
 def _host_overhead(sp, dev, gen) -> Built:
     built = _sparse_decode(sp, dev, gen)
     built.flops = built.nbytes = 0.0  # host time only
-    built.calls.pop(NATIVE_WGMMA)  # the same host path as native
+    built.calls.pop(NATIVE_SERIAL)  # the same host path as native
     return built
 
 

@@ -1,5 +1,5 @@
-// SM90 sparse_decode, warp-specialized wgmma kernel (experimental: runs when
-// TORCH_MLA_NATIVE_DECODE_WGMMA=1; see csrc/README.md for its measurements).
+// SM90 sparse_decode, warp-specialized wgmma kernel: the default (TORCH_MLA_NATIVE_DECODE_WGMMA=0
+// selects the serial kernel of kernel.cuh instead); csrc/README.md has its measurements.
 //
 // One CTA = 384 threads = three warpgroups for one (64-head group, s_q token, schedule part),
 // walking the same batch elements and 64-key tiles as the serial kernel (kernel.cuh):
