@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include "common/fp8.cuh"
+#include "common/launch.h"
 #include "common/sparse_decode.h"
 #include "common/utils.cuh"
 #include "sm90/sparse_decode/config.h"
@@ -413,18 +414,9 @@ template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
   constexpr int kSmem = SmemPlan<LAYOUT>::kBytes;
   auto kernel = sparse_decode_kernel<LAYOUT>;
-  // Opting in to > 48 KB of dynamic shared memory is a per-device function attribute: set it
-  // once per device (idempotent, so a race between threads only repeats the call).
   static std::atomic<uint64_t> configured{0};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  const cudaError_t err = opt_in_dynamic_smem(kernel, kSmem, configured);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
-  if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
   const dim3 grid(cdiv(a.h_q, kBlockM), a.s_q, a.num_parts);
   kernel<<<grid, kThreads, kSmem, stream>>>(a);
   return cudaGetLastError();

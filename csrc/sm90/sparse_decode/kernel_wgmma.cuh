@@ -584,17 +584,9 @@ template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
   constexpr int kSmem = Plan<LAYOUT>::kBytes;
   auto kernel = sparse_decode_wgmma_kernel<LAYOUT>;
-  // > 48 KB of dynamic shared memory is a per-device opt-in: set it once per device.
   static std::atomic<uint64_t> configured{0};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  const cudaError_t err = opt_in_dynamic_smem(kernel, kSmem, configured);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
-  if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    configured.fetch_or(bit, std::memory_order_relaxed);
-  }
   const dim3 grid(cdiv(a.h_q, 64), a.s_q, a.num_parts);
   kernel<<<grid, kThreads, kSmem, stream>>>(a);
   return cudaGetLastError();
