@@ -234,6 +234,8 @@ TMLA_API int tmla_sparse_decode(const tmla_sparse_decode_params* p, void* stream
   // The warp-specialized wgmma kernel is the default (faster on every benchmark row, same
   // tests); TORCH_MLA_NATIVE_DECODE_WGMMA=0 selects the serial mma.sync kernel (read at every
   // call, so tests and the bench can switch).
+  const char* probe_env = std::getenv("TORCH_MLA_NATIVE_DECODE_PROBE");  // profiling only
+  a.probe = probe_env != nullptr ? std::atoi(probe_env) : 0;
   const char* wgmma_env = std::getenv("TORCH_MLA_NATIVE_DECODE_WGMMA");
   const bool wgmma = wgmma_env == nullptr || std::strcmp(wgmma_env, "0") != 0;
   using tmla::sm90::launch_sparse_decode;

@@ -150,8 +150,118 @@ __device__ __forceinline__ ElementPlan element_plan(const SparseDecodeArgs& a, i
   return e;
 }
 
-// Producer, one warp: its 16 tokens 4 i + wp (i = 0..15) of tile k -> K stage `ktile` (bf16,
-// swizzled), zero rows for invalid keys, and their validity flags. Lane i (< 16) holds the
+// V32 producer (written for both layouts; MODEL1 measured faster with the next function), one
+// warp: its 16 rows of tile k -> K stage `ktile` (bf16, swizzled), zero rows for
+// invalid keys, and their validity flags. Warp wp owns the row pairs (8 q + 2 wp, 8 q + 2 wp + 1),
+// q = 0..7; lane i < 16 holds the index of the warp's token i, row 8 (i / 2) + 2 wp + i % 2
+// (`idx`), resolves its address once and hands it to the other lanes with shuffles.
+// NoPE: one load instruction covers 16-byte chunks 16 g .. 16 g + 15 of both rows of pair q
+// (lane l: row bit b = (l / 4) % 2, chunk 16 g + l % 4 + 4 (l / 8)), i.e. whole 128-byte lines;
+// MODEL1 (28 chunks) leaves lanes 24..31 idle when g = 1. The two rows of a pair differ in the
+// lowest bit of row % 8, so the 8 lanes of each 16-byte store phase hit 8 different bank
+// groups of the swizzled tile with no data shuffling, and every store address is a per-lane
+// base plus an immediate. RoPE (128 bytes) goes by cp.async, lanes 8 j .. 8 j + 7 one token.
+// (Measured at V32 b=128: two threads a token with 16 consecutive loads each: 930 us; one
+// token a load instruction with per-token address math and selects: 638 us.)
+template <int LAYOUT>
+__device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a, const Ranges& r, int k,
+                                                 int idx, int wp, int lane, uint8_t* ktile,
+                                                 uint8_t* flags) {
+  using L = Layout<LAYOUT>;
+  constexpr int kChunks = L::kDnope / 16;  // 32 (V32) or 28 (MODEL1) NoPE chunks a token
+  constexpr uint32_t kAll = 0xffffffffu;
+  const bool ex = k >= r.ntm;
+  // lane i < 16: token i's row (0 = invalid) and, MODEL1, its scale word
+  uint64_t row = 0, srow = 0;
+  {
+    const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
+    const bool valid = lane < 16 && idx >= 0 && static_cast<int64_t>(idx) < slots;
+    if (lane < 16) flags[8 * (lane >> 1) + 2 * wp + (lane & 1)] = valid ? 1 : 0;
+    if (valid) {
+      const int bs = ex ? a.extra.block_size : a.main.block_size;
+      const int blk = idx / bs;
+      const int off = idx - blk * bs;
+      const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
+                            static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
+      row = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(off) * L::kTokenBytes);
+      if constexpr (L::kScaleBytes > 0) {
+        srow = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(bs) * L::kTokenBytes +
+                                          static_cast<int64_t>(off) * L::kScaleBytes);
+      }
+    }
+  }
+  auto row_of = [&](uint64_t v, int src_lane) {
+    const uint32_t lo = __shfl_sync(kAll, static_cast<uint32_t>(v), src_lane);
+    const uint32_t hi = __shfl_sync(kAll, static_cast<uint32_t>(v >> 32), src_lane);
+    return reinterpret_cast<const uint8_t*>((static_cast<uint64_t>(hi) << 32) | lo);
+  };
+  const bool no_loads = (a.probe & 1) != 0;
+
+  // ---- RoPE: 4 instructions, 4 tokens x 8 pieces each ----
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int i = 4 * j + (lane >> 3);  // the warp's token i
+    const uint8_t* src = row_of(row, i);
+    uint8_t* dst = ktile + sw128(8 * (i >> 1) + 2 * wp + (i & 1), L::kDnope + 8 * (lane & 7));
+    if (src != nullptr && !no_loads) {
+      cp_async_16(dst, src + L::kRopeOffset + 16 * (lane & 7));
+    } else if (src == nullptr) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // ---- NoPE: 8 pairs x 2 chunk groups, in two batches of 4 pairs (loads first, then the
+  // conversions; more in flight would not fit the producer's registers) ----
+  const int b = (lane >> 2) & 1;              // which row of the pair
+  const int rr = 2 * wp + b;                  // row % 8
+  const int cl = (lane & 3) + 4 * (lane >> 3);  // chunk within the group of 16
+  // byte offsets of this lane's two 16-byte units in pair 0, group 0 (sw128 with row rr, column
+  // 16 cl and 16 cl + 8); pair q adds 1024 q, group g adds 4 atoms of 8 rows = 32768 g
+  const int off_lo = rr * 128 + ((((2 * cl) & 7) ^ rr) << 4) + (cl >> 2) * 8192;
+  const int off_hi = rr * 128 + ((((2 * cl + 1) & 7) ^ rr) << 4) + (cl >> 2) * 8192;
+#pragma unroll 1
+  for (int q0 = 0; q0 < 8; q0 += 4) {
+    uint4 raw[8];
+    float scale[8];
+#pragma unroll
+    for (int qq = 0; qq < 4; ++qq) {
+      // (shuffles stay outside the branch below: every lane must take part)
+      const uint8_t* src = row_of(row, 2 * (q0 + qq) + b);
+      const uint8_t* ssrc = L::kScaleBytes > 0 ? row_of(srow, 2 * (q0 + qq) + b) : nullptr;
+#pragma unroll
+      for (int g = 0; g < 2; ++g) {
+        const int u = 2 * qq + g;
+        const int c = 16 * g + cl;
+        // invalid keys (and idle lanes) convert zeros with scale 0: +0 rows, no selects
+        raw[u] = make_uint4(0, 0, 0, 0);
+        scale[u] = 0.f;
+        if (src != nullptr && c < kChunks && !no_loads) {
+          raw[u] = ldg_stream_16(src + 16 * c);
+          if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
+            scale[u] = __ldg(reinterpret_cast<const float*>(src + L::kScaleOffset) + (c >> 3));
+          } else {
+            scale[u] = ue8m0_to_float(__ldg(ssrc + (c >> 2)));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int q = q0 + (u >> 1), g = u & 1;
+      if (16 * g + cl < kChunks) {
+        uint4 lo = raw[u], hi = raw[u];
+        if (!(a.probe & 2)) dequant16(raw[u], scale[u], lo, hi);
+        *reinterpret_cast<uint4*>(ktile + off_lo + 1024 * q + 32768 * g) = lo;
+        *reinterpret_cast<uint4*>(ktile + off_hi + 1024 * q + 32768 * g) = hi;
+      }
+    }
+  }
+}
+
+// MODEL1 producer, one warp: its 16 tokens 4 i + wp (i = 0..15) of tile k -> K stage `ktile`
+// (bf16, swizzled), zero rows for invalid keys, and their validity flags. (The paired mapping
+// above made MODEL1 slower, 185 vs 158 us at h_q=64 + extra 512 and 559 vs 458 us at h_q=128 +
+// extra 1024, H100, 2026-11-25, while it sped up every V32 row; why was not measured.) Lane i (< 16) holds the
 // index of token 4 i + wp (`idx`); it resolves the token's address once and hands it to the
 // other lanes with shuffles. Every load instruction of the warp then reads whole 128-byte lines:
 // for NoPE, lane l takes 16-byte chunk l of one token (V32: chunks 0..31 = 512 bytes; MODEL1:
@@ -160,7 +270,7 @@ __device__ __forceinline__ ElementPlan element_plan(const SparseDecodeArgs& a, i
 // gave each thread half a token, 16 consecutive 16-byte loads: every warp instruction touched
 // 32 lines, and the producer took 2.6x as long as the consumers.)
 template <int LAYOUT>
-__device__ __forceinline__ void fill_warp_tokens(const SparseDecodeArgs& a, const Ranges& r, int k,
+__device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& a, const Ranges& r, int k,
                                                  int idx, int wp, int lane, uint8_t* ktile,
                                                  uint8_t* flags) {
   using L = Layout<LAYOUT>;
@@ -258,7 +368,7 @@ __device__ __forceinline__ void fill_warp_tokens(const SparseDecodeArgs& a, cons
   }
 }
 
-// L2 prefetch of what fill_warp_tokens will read for token index idx of tile k (lanes < 16:
+// L2 prefetch of what the fill functions will read for token index idx of tile k (lanes < 16:
 // the token's row; MODEL1 also its scale word).
 template <int LAYOUT>
 __device__ __forceinline__ void prefetch_token(const SparseDecodeArgs& a, const Ranges& r, int k,
@@ -323,9 +433,12 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   if (wg == 2) {
     // ======================================= producer =======================================
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    const int wp = wt >> 5;   // producer warp: tokens 4 i + wp of each tile
+    const int wp = wt >> 5;  // producer warp (which rows of a tile: see the fill functions)
     const int lane = wt & 31;
-    const int tok = 4 * (lane & 15) + wp;  // the token whose index this lane holds
+    // the token whose index this lane holds (lanes 16.. repeat 0..15): V32 pairs rows
+    // (8 q + 2 wp, 8 q + 2 wp + 1), MODEL1 takes rows 4 i + wp (the two fill functions)
+    const int tok = LAYOUT == TMLA_LAYOUT_V32 ? 8 * ((lane & 15) >> 1) + 2 * wp + (lane & 1)
+                                              : 4 * (lane & 15) + wp;
     int it = 0;
 #pragma unroll 1
     for (int i = b_begin; i <= b_last; ++i) {
@@ -350,8 +463,12 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
         const int st = it & 1;
         Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
         if (!(a.probe & 16)) {
-          fill_warp_tokens<LAYOUT>(a, e.r, k, idx0, wp, lane, smem + P::kK + st * P::kTile,
-                                   sValid + st * 64);
+          uint8_t* ktile = smem + P::kK + st * P::kTile;
+          if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
+            fill_warp_tokens_pairs<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64);
+          } else {
+            fill_warp_tokens_single<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64);
+          }
         }
         cp_async_wait_all();                         // this thread's RoPE copies landed
         cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma's reads
