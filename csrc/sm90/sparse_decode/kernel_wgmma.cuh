@@ -629,71 +629,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
     named_barrier_sync(kBarSum, kConsumerThreads);
     const float lt0 = sRedSum[r0] + sRedSum[64 + r0];  // same order in both warpgroups
     const float lt1 = sRedSum[r0 + 8] + sRedSum[64 + r0 + 8];
-    const bool has0 = lt0 > 0.f, has1 = lt1 > 0.f;
-    const float lse2_0 = has0 ? m0 + log2f(lt0) : -INFINITY;
-    const float lse2_1 = has1 ? m1 + log2f(lt1) : -INFINITY;
-    float inv0 = has0 ? 1.f / lt0 : 0.f;
-    float inv1 = has1 ? 1.f / lt1 : 0.f;
-    const int head0 = 64 * hg + r0, head1 = head0 + 8;
-    const int col0 = 256 * w + q2;
-
-    if (e.nsp == 1) {
-      // The only part of batch element i: normalize, apply the sink, write out / lse directly.
-      if (a.attn_sink != nullptr) {
-        // out *= 1 / (1 + exp(sink - lse)); +inf sink -> 0, -inf sink -> 1.
-        if (has0 && head0 < a.h_q) inv0 = inv0 / (1.f + exp2f(__ldg(a.attn_sink + head0) * kLog2e - lse2_0));
-        if (has1 && head1 < a.h_q) inv1 = inv1 / (1.f + exp2f(__ldg(a.attn_sink + head1) * kLog2e - lse2_1));
-      }
-      const int d_v = a.d_v;
-      const bool pairs = (d_v & 1) == 0;  // 4-byte aligned bf16 pairs
-      CUTE_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int head = h ? head1 : head0;
-        const float inv = h ? inv1 : inv0;
-        if (head < a.h_q) {
-          bf16* o = a.out + (static_cast<int64_t>(i) * a.s_q + s) * a.h_q * d_v + static_cast<int64_t>(head) * d_v;
-          CUTE_UNROLL
-          for (int j = 0; j < 32; ++j) {
-            const int col = col0 + 8 * j;
-            const float v0 = tOrO(4 * j + 2 * h) * inv, v1 = tOrO(4 * j + 2 * h + 1) * inv;
-            if (col + 1 < d_v) {
-              if (pairs) {
-                *reinterpret_cast<uint32_t*>(o + col) = pack_bf16x2(v0, v1);
-              } else {
-                o[col] = __float2bfloat16_rn(v0);
-                o[col + 1] = __float2bfloat16_rn(v1);
-              }
-            } else if (col < d_v) {
-              o[col] = __float2bfloat16_rn(v0);
-            }
-          }
-        }
-      }
-      if (w == 0 && (lane & 3) == 0) {
-        if (head0 < a.h_q) a.lse[(static_cast<int64_t>(i) * a.h_q + head0) * a.s_q + s] = has0 ? lse2_0 * kLn2 : INFINITY;
-        if (head1 < a.h_q) a.lse[(static_cast<int64_t>(i) * a.h_q + head1) * a.s_q + s] = has1 ? lse2_1 * kLn2 : INFINITY;
-      }
-    } else {
-      // One of several parts: normalized partial output + its log2-sum-exp for the combine.
-      const int64_t wrow = (static_cast<int64_t>(e.split) * a.s_q + s) * a.h_q;
-      CUTE_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int head = h ? head1 : head0;
-        const float inv = h ? inv1 : inv0;
-        if (head < a.h_q) {
-          float* wo = a.ws_o + (wrow + head) * kDecodeDvMax + col0;
-          CUTE_UNROLL
-          for (int j = 0; j < 32; ++j) {
-            *reinterpret_cast<float2*>(wo + 8 * j) =
-                make_float2(tOrO(4 * j + 2 * h) * inv, tOrO(4 * j + 2 * h + 1) * inv);
-          }
-        }
-      }
-      if (w == 0 && (lane & 3) == 0) {
-        if (head0 < a.h_q) a.ws_lse[wrow + head0] = lse2_0;
-        if (head1 < a.h_q) a.ws_lse[wrow + head1] = lse2_1;
-      }
-    }
+    write_decode_rows(a, i, s, e.nsp, e.split, 64 * hg + r0, 256 * w + q2, m0, m1, lt0, lt1,
+                      w == 0 && (lane & 3) == 0,
+                      [&](int j, int h, int c) { return tOrO(4 * j + 2 * h + c); });
   }
 }
 
