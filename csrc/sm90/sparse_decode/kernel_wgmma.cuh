@@ -4,9 +4,8 @@
 // One CTA = 384 threads = three warpgroups for one (64-head group, s_q token, schedule part),
 // walking the same batch elements and 64-key tiles as the serial kernel (kernel.cuh):
 // * warpgroup 2, the producer, gathers each tile's 64 tokens with 16-byte non-coherent loads
-//   (a warp instruction reads one whole token; rows are prefetched into L2 two tiles ahead,
-//   indices read three),
-//   dequantizes them (bit-exact with the reference, common/fp8.cuh) straight into one of two
+//   (a warp instruction reads whole 128-byte lines of one or two tokens; indices are read two
+//   tiles ahead), dequantizes them (bit-exact with the reference, common/fp8.cuh) straight into one of two
 //   bf16 K stages, and signals the stage's `full` mbarrier;
 // * warpgroups 0 and 1, the consumers, own value columns 256 w .. 256 w + 255 of O
 //   (64 heads x 256 f32 = 128 accumulators a thread). Per tile, warpgroup w computes
@@ -102,14 +101,6 @@ __device__ __forceinline__ uint4 ldg_stream_16(const uint8_t* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
-}
-
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, int bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // What one CTA does for batch element i: its tile ranges, and where its result goes.
@@ -370,27 +361,6 @@ __device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& 
   }
 }
 
-// L2 prefetch of what the fill functions will read for token index idx of tile k (lanes < 16:
-// the token's row; MODEL1 also its scale word).
-template <int LAYOUT>
-__device__ __forceinline__ void prefetch_token(const SparseDecodeArgs& a, const Ranges& r, int k,
-                                               int idx, int lane) {
-  using L = Layout<LAYOUT>;
-  if (lane >= 16 || k >= r.ntm + r.nte) return;
-  const bool ex = k >= r.ntm;
-  const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
-  if (idx < 0 || static_cast<int64_t>(idx) >= slots) return;
-  const int bs = ex ? a.extra.block_size : a.main.block_size;
-  const int blk = idx / bs;
-  const int off = idx - blk * bs;
-  const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
-                        static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
-  prefetch_l2_bulk(base + static_cast<int64_t>(off) * L::kTokenBytes, L::kTokenBytes);
-  if constexpr (L::kScaleBytes > 0) {
-    prefetch_l2(base + static_cast<int64_t>(bs) * L::kTokenBytes + static_cast<int64_t>(off) * L::kScaleBytes);
-  }
-}
-
 template <int LAYOUT>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const SparseDecodeArgs a) {
   using L = Layout<LAYOUT>;
@@ -449,19 +419,16 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
       if (!e.run || nt == 0) continue;
       const int* row_m = a.main.indices + i * a.main.stride_b + s * a.main.stride_s;
       const int* row_e = has_extra ? a.extra.indices + i * a.extra.stride_b + s * a.extra.stride_s : row_m;
-      // Indices run three tiles ahead and L2 prefetches two: a gather then waits for neither
-      // its index nor HBM (measured: with the index one tile ahead and the prefetch issued right
-      // after it, the producer's two dependent round trips per tile made it 2.6x slower than
-      // the consumers).
+      // Indices are read two tiles ahead, so a gather never waits for its index. (An L2
+      // prefetch of the rows two tiles ahead, cp.async.bulk.prefetch issued lane by lane, cost
+      // the producer more issue slots than it saved: without it V32 b=128 570 vs 601 us,
+      // b=148 topk=16384 4.37 vs 4.55 ms, MODEL1 h_q=64 + extra 512 147 vs 154 us; four tiles
+      // ahead 596 us.)
       int idx0 = load_index(row_m, row_e, e.r, 0, tok);
       int idx1 = load_index(row_m, row_e, e.r, 1, tok);
-      int idx2 = load_index(row_m, row_e, e.r, 2, tok);
-      prefetch_token<LAYOUT>(a, e.r, 0, idx0, lane);
-      prefetch_token<LAYOUT>(a, e.r, 1, idx1, lane);
 #pragma unroll 1
       for (int k = 0; k < nt; ++k, ++it) {
-        const int idx3 = load_index(row_m, row_e, e.r, k + 3, tok);
-        prefetch_token<LAYOUT>(a, e.r, k + 2, idx2, lane);
+        const int idx2 = load_index(row_m, row_e, e.r, k + 2, tok);
         const int st = it & 1;
         Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
         if (!(a.probe & 16)) {
@@ -477,7 +444,6 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
         Barrier::arrive(&full[st]);
         idx0 = idx1;
         idx1 = idx2;
-        idx2 = idx3;
       }
     }
     return;
