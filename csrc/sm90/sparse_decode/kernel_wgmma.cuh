@@ -141,6 +141,44 @@ __device__ __forceinline__ ElementPlan element_plan(const SparseDecodeArgs& a, i
   return e;
 }
 
+// Lane i < 16 of a producer warp: the row address (0 = invalid key) of the token whose index it
+// holds, and, MODEL1, of its scale word; the token's validity flag goes to flags[flag_row].
+struct TokenRow {
+  uint64_t row, srow;
+};
+
+template <int LAYOUT>
+__device__ __forceinline__ TokenRow resolve_token_row(const SparseDecodeArgs& a, const Ranges& r,
+                                                      int k, int idx, int lane, uint8_t* flags,
+                                                      int flag_row) {
+  using L = Layout<LAYOUT>;
+  TokenRow t{0, 0};
+  const bool ex = k >= r.ntm;
+  const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
+  const bool valid = lane < 16 && idx >= 0 && static_cast<int64_t>(idx) < slots;
+  if (lane < 16) flags[flag_row] = valid ? 1 : 0;
+  if (valid) {
+    const int bs = ex ? a.extra.block_size : a.main.block_size;
+    const int blk = idx / bs;
+    const int off = idx - blk * bs;
+    const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
+                          static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
+    t.row = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(off) * L::kTokenBytes);
+    if constexpr (L::kScaleBytes > 0) {
+      t.srow = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(bs) * L::kTokenBytes +
+                                          static_cast<int64_t>(off) * L::kScaleBytes);
+    }
+  }
+  return t;
+}
+
+// Lane src_lane's 64-bit value as a pointer (a full-warp shuffle: every lane must call it).
+__device__ __forceinline__ const uint8_t* lane_ptr(uint64_t v, int src_lane) {
+  const uint32_t lo = __shfl_sync(0xffffffffu, static_cast<uint32_t>(v), src_lane);
+  const uint32_t hi = __shfl_sync(0xffffffffu, static_cast<uint32_t>(v >> 32), src_lane);
+  return reinterpret_cast<const uint8_t*>((static_cast<uint64_t>(hi) << 32) | lo);
+}
+
 // V32 producer (written for both layouts; MODEL1 measured faster with the next function), one
 // warp: its 16 rows of tile k -> K stage `ktile` (bf16, swizzled), zero rows for
 // invalid keys, and their validity flags. Warp wp owns the row pairs (8 q + 2 wp, 8 q + 2 wp + 1),
@@ -160,39 +198,15 @@ __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a
                                                  uint8_t* flags) {
   using L = Layout<LAYOUT>;
   constexpr int kChunks = L::kDnope / 16;  // 32 (V32) or 28 (MODEL1) NoPE chunks a token
-  constexpr uint32_t kAll = 0xffffffffu;
-  const bool ex = k >= r.ntm;
-  // lane i < 16: token i's row (0 = invalid) and, MODEL1, its scale word
-  uint64_t row = 0, srow = 0;
-  {
-    const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
-    const bool valid = lane < 16 && idx >= 0 && static_cast<int64_t>(idx) < slots;
-    if (lane < 16) flags[8 * (lane >> 1) + 2 * wp + (lane & 1)] = valid ? 1 : 0;
-    if (valid) {
-      const int bs = ex ? a.extra.block_size : a.main.block_size;
-      const int blk = idx / bs;
-      const int off = idx - blk * bs;
-      const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
-                            static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
-      row = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(off) * L::kTokenBytes);
-      if constexpr (L::kScaleBytes > 0) {
-        srow = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(bs) * L::kTokenBytes +
-                                          static_cast<int64_t>(off) * L::kScaleBytes);
-      }
-    }
-  }
-  auto row_of = [&](uint64_t v, int src_lane) {
-    const uint32_t lo = __shfl_sync(kAll, static_cast<uint32_t>(v), src_lane);
-    const uint32_t hi = __shfl_sync(kAll, static_cast<uint32_t>(v >> 32), src_lane);
-    return reinterpret_cast<const uint8_t*>((static_cast<uint64_t>(hi) << 32) | lo);
-  };
+  const TokenRow tr = resolve_token_row<LAYOUT>(a, r, k, idx, lane, flags, 8 * (lane >> 1) + 2 * wp + (lane & 1));
+  const uint64_t row = tr.row, srow = tr.srow;
   const bool no_loads = (a.probe & 1) != 0;
 
   // ---- RoPE: 4 instructions, 4 tokens x 8 pieces each ----
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int i = 4 * j + (lane >> 3);  // the warp's token i
-    const uint8_t* src = row_of(row, i);
+    const uint8_t* src = lane_ptr(row, i);
     uint8_t* dst = ktile + sw128(8 * (i >> 1) + 2 * wp + (i & 1), L::kDnope + 8 * (lane & 7));
     if (src != nullptr && !no_loads) {
       cp_async_16(dst, src + L::kRopeOffset + 16 * (lane & 7));
@@ -219,8 +233,8 @@ __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a
 #pragma unroll
     for (int qq = 0; qq < kPairsInFlight; ++qq) {
       // (shuffles stay outside the branch below: every lane must take part)
-      const uint8_t* src = row_of(row, 2 * (q0 + qq) + b);
-      const uint8_t* ssrc = L::kScaleBytes > 0 ? row_of(srow, 2 * (q0 + qq) + b) : nullptr;
+      const uint8_t* src = lane_ptr(row, 2 * (q0 + qq) + b);
+      const uint8_t* ssrc = L::kScaleBytes > 0 ? lane_ptr(srow, 2 * (q0 + qq) + b) : nullptr;
 #pragma unroll
       for (int g = 0; g < 2; ++g) {
         const int u = 2 * qq + g;
@@ -268,39 +282,15 @@ __device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& 
                                                  uint8_t* flags) {
   using L = Layout<LAYOUT>;
   constexpr int kNopeLanes = L::kDnope / 16;  // 32 or 28
-  constexpr uint32_t kAll = 0xffffffffu;
-  const bool ex = k >= r.ntm;
-  // lane i < 16: token 4 i + wp's row (0 = invalid) and, MODEL1, its scale word
-  uint64_t row = 0, srow = 0;
-  {
-    const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
-    const bool valid = lane < 16 && idx >= 0 && static_cast<int64_t>(idx) < slots;
-    if (lane < 16) flags[4 * lane + wp] = valid ? 1 : 0;
-    if (valid) {
-      const int bs = ex ? a.extra.block_size : a.main.block_size;
-      const int blk = idx / bs;
-      const int off = idx - blk * bs;
-      const uint8_t* base = (ex ? a.extra.cache : a.main.cache) +
-                            static_cast<int64_t>(blk) * (ex ? a.extra.stride_block : a.main.stride_block);
-      row = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(off) * L::kTokenBytes);
-      if constexpr (L::kScaleBytes > 0) {
-        srow = reinterpret_cast<uint64_t>(base + static_cast<int64_t>(bs) * L::kTokenBytes +
-                                          static_cast<int64_t>(off) * L::kScaleBytes);
-      }
-    }
-  }
-  auto row_of = [&](uint64_t v, int src_lane) {
-    const uint32_t lo = __shfl_sync(kAll, static_cast<uint32_t>(v), src_lane);
-    const uint32_t hi = __shfl_sync(kAll, static_cast<uint32_t>(v >> 32), src_lane);
-    return reinterpret_cast<const uint8_t*>((static_cast<uint64_t>(hi) << 32) | lo);
-  };
+  const TokenRow tr = resolve_token_row<LAYOUT>(a, r, k, idx, lane, flags, 4 * lane + wp);
+  const uint64_t row = tr.row, srow = tr.srow;
   const bool no_loads = (a.probe & 1) != 0;
 
   // ---- RoPE: 4 instructions, 4 tokens x 8 pieces each ----
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int i = 4 * j + (lane >> 3);  // token 4 i + wp
-    const uint8_t* src = row_of(row, i);
+    const uint8_t* src = lane_ptr(row, i);
     uint8_t* dst = ktile + sw128(4 * i + wp, L::kDnope + 8 * (lane & 7));
     if (src != nullptr && !no_loads) {
       cp_async_16(dst, src + L::kRopeOffset + 16 * (lane & 7));
@@ -322,9 +312,9 @@ __device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& 
     bool valid[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const uint8_t* src = row_of(row, b8 + i);
+      const uint8_t* src = lane_ptr(row, b8 + i);
       // (shuffles stay outside the branch below: every lane must take part)
-      const uint8_t* ssrc = L::kScaleBytes > 0 ? row_of(srow, b8 + i) : nullptr;
+      const uint8_t* ssrc = L::kScaleBytes > 0 ? lane_ptr(srow, b8 + i) : nullptr;
       valid[i] = src != nullptr;
       raw[i] = make_uint4(i, lane, 0, 0);
       scale[i] = 0x3f800000u;
