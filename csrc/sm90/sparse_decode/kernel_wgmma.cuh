@@ -5,8 +5,8 @@
 // walking the same batch elements and 64-key tiles as the serial kernel (kernel.cuh):
 // * warpgroup 2, the producer, gathers each tile's 64 tokens with 16-byte non-coherent loads
 //   (a warp instruction reads whole 128-byte lines of one or two tokens; indices are read two
-//   tiles ahead), dequantizes them (bit-exact with the reference, common/fp8.cuh) straight into one of two
-//   bf16 K stages, and signals the stage's `full` mbarrier;
+//   tiles ahead), dequantizes them (bit-exact with the reference, common/fp8.cuh) straight
+//   into one of two bf16 K stages, and signals the stage's `full` mbarrier;
 // * warpgroups 0 and 1, the consumers, own value columns 256 w .. 256 w + 255 of O
 //   (64 heads x 256 f32 = 128 accumulators a thread). Per tile, warpgroup w computes
 //   S = Q K^T for keys 32 w .. 32 w + 31 (wgmma 64x32x16, both operands in shared memory),
