@@ -1,6 +1,7 @@
 """The native library (csrc/) on a machine without a GPU: it builds with nvcc, exports exactly the
 C ABI, loads through ctypes without a CUDA driver, reports errors instead of crashing, its
-kernels use tensor-core MMA without spilling, and the native backend explains why it does not
+kernels use tensor-core MMA (mma.sync and wgmma) without spilling, the wgmma kernel's producer
+writes the swizzled layout its wgmma reads, and the native backend explains why it does not
 apply to CPU tensors. Skipped (with the reason) where nvcc is missing; CI has nvcc 13.0.
 
 The build goes to the shared hash-keyed cache (torch_mla.build), so it compiles once per source
@@ -153,6 +154,56 @@ def test_kernels_use_tensor_cores_without_spills(lib_path):
     assert "LDGSTS" in sass  # cp.async gather
     assert "F2FP.F16.E4M3.UNPACK" in sass  # hardware e4m3 -> f16
     assert not re.search(r"\b(LDL|STL)\b", sass)  # no local memory
+    # the default warp-specialized kernel: wgmma for QK^T (64x32x16) and PV (64x256x16, V read
+    # transposed), register hand-over between the warpgroups, mbarrier pipeline
+    assert "sparse_decode_wgmma_kernel" in names
+    assert "HGMMA.64x32x16.F32.BF16" in sass
+    assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 .*tnspB", sass)
+    assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
+    assert "SYNCS.PHASECHK.TRANS64.TRYWAIT" in sass and "SYNCS.ARRIVE.TRANS64" in sass
+
+
+_LAYOUT_CHECK = r"""
+#include <cstdio>
+#include "sm90/sparse_decode/kernel_wgmma.cuh"
+using namespace tmla::sm90::sparse_decode_wgmma;
+template <int LAYOUT> int check() {
+  using P = Plan<LAYOUT>;
+  constexpr int D = P::kD;
+  alignas(1024) static cbf16 buf[64 * D];
+  auto k = cute::make_tensor(cute::make_smem_ptr(buf), typename P::LayoutQK{});
+  auto vt = cute::make_tensor(cute::make_smem_ptr(buf), typename P::LayoutVt{});
+  int bad = 0;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < D; ++c) {
+      const long off = reinterpret_cast<char*>(&k(r, c)) - reinterpret_cast<char*>(buf);
+      bad += off != sw128(r, c);                     // the producer's stores = wgmma's layout
+      bad += c < 512 && &vt(c, r) != &k(r, c);       // V^T view = the same element
+    }
+  return bad;
+}
+int main() {
+  const int bad = check<TMLA_LAYOUT_V32>() + check<TMLA_LAYOUT_MODEL1>();
+  std::printf("mismatches %d\n", bad);
+  return bad != 0;
+}
+"""
+
+
+@needs_nvcc
+def test_producer_swizzle_matches_the_wgmma_layout(tmp_path):
+    # the wgmma kernel's producer writes K rows with the hand-written sw128() map, while wgmma
+    # reads them through CuTe's 128-byte-swizzle layout (and V through a transposed view of the
+    # same stage): compiled and checked on the host, every element of both layouts
+    src = tmp_path / "layout_check.cu"
+    src.write_text(_LAYOUT_CHECK)
+    exe = tmp_path / "layout_check"
+    csrc = build.csrc_dir()
+    subprocess.run([NVCC, "-std=c++17", "--expt-relaxed-constexpr", f"-I{csrc / 'include'}",
+                    f"-I{csrc}", f"-I{build.cutlass_include()}", "-o", str(exe), str(src)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and "mismatches 0" in out.stdout, out.stdout + out.stderr
 
 
 @needs_nvcc

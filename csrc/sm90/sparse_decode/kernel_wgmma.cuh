@@ -90,7 +90,7 @@ struct Plan {
 
 // Byte offset of element (row, col) of a [64 x d] bf16 tile in Plan::LayoutQK (8 x 64 atoms of
 // 1024 bytes, atoms down the rows first; 16-byte unit u of row r stored at unit u ^ (r % 8)).
-__device__ __forceinline__ int sw128(int row, int col) {
+__host__ __device__ __forceinline__ int sw128(int row, int col) {
   return ((row >> 3) + 8 * (col >> 6)) * 1024 + (row & 7) * 128 +
          ((((col >> 3) & 7) ^ (row & 7)) << 4) + (col & 7) * 2;
 }
