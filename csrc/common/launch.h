@@ -25,4 +25,16 @@ cudaError_t opt_in_dynamic_smem(Kernel kernel, int bytes, std::atomic<uint64_t>&
   return cudaSuccess;
 }
 
+// Launch `kernel` (argument struct `args`) with `bytes` of dynamic shared memory, opting in once
+// per device (`configured`: static in the caller).
+template <class Kernel, class Args>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int bytes,
+                             std::atomic<uint64_t>& configured, const Args& args,
+                             cudaStream_t stream) {
+  const cudaError_t err = opt_in_dynamic_smem(kernel, bytes, configured);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, bytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
 }  // namespace tmla

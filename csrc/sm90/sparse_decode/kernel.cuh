@@ -348,13 +348,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_kernel(const Sparse
 template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
   constexpr int kSmem = SmemPlan<LAYOUT>::kBytes;
-  auto kernel = sparse_decode_kernel<LAYOUT>;
   static std::atomic<uint64_t> configured{0};
-  const cudaError_t err = opt_in_dynamic_smem(kernel, kSmem, configured);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(cdiv(a.h_q, kBlockM), a.s_q, a.num_parts);
-  kernel<<<grid, kThreads, kSmem, stream>>>(a);
-  return cudaGetLastError();
+  const dim3 grid(cdiv(a.h_q, 64), a.s_q, a.num_parts);  // (64-head group, query, part)
+  return launch_with_smem(sparse_decode_kernel<LAYOUT>, grid, kThreads, kSmem, configured, a,
+                          stream);
 }
 
 }  // namespace tmla::sm90::sparse_decode

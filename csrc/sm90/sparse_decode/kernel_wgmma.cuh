@@ -179,14 +179,14 @@ __device__ __forceinline__ const uint8_t* lane_ptr(uint64_t v, int src_lane) {
   return reinterpret_cast<const uint8_t*>((static_cast<uint64_t>(hi) << 32) | lo);
 }
 
-// V32 producer (written for both layouts; MODEL1 measured faster with the next function), one
+// V32 producer (MODEL1 measured faster with the next function's mapping), one
 // warp: its 16 rows of tile k -> K stage `ktile` (bf16, swizzled), zero rows for
 // invalid keys, and their validity flags. Warp wp owns the row pairs (8 q + 2 wp, 8 q + 2 wp + 1),
 // q = 0..7; lane i < 16 holds the index of the warp's token i, row 8 (i / 2) + 2 wp + i % 2
 // (`idx`), resolves its address once and hands it to the other lanes with shuffles.
 // NoPE: one load instruction covers 16-byte chunks 16 g .. 16 g + 15 of both rows of pair q
-// (lane l: row bit b = (l / 4) % 2, chunk 16 g + l % 4 + 4 (l / 8)), i.e. whole 128-byte lines;
-// MODEL1 (28 chunks) leaves lanes 24..31 idle when g = 1. The two rows of a pair differ in the
+// (lane l: row bit b = (l / 4) % 2, chunk 16 g + l % 4 + 4 (l / 8)), i.e. whole 128-byte lines.
+// The two rows of a pair differ in the
 // lowest bit of row % 8, so the 8 lanes of each 16-byte store phase hit 8 different bank
 // groups of the swizzled tile with no data shuffling, and every store address is a per-lane
 // base plus an immediate. RoPE (128 bytes) goes by cp.async, lanes 8 j .. 8 j + 7 one token.
@@ -196,10 +196,10 @@ template <int LAYOUT>
 __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a, const Ranges& r, int k,
                                                  int idx, int wp, int lane, uint8_t* ktile,
                                                  uint8_t* flags) {
+  static_assert(LAYOUT == TMLA_LAYOUT_V32, "MODEL1 uses fill_warp_tokens_single");
   using L = Layout<LAYOUT>;
-  constexpr int kChunks = L::kDnope / 16;  // 32 (V32) or 28 (MODEL1) NoPE chunks a token
-  const TokenRow tr = resolve_token_row<LAYOUT>(a, r, k, idx, lane, flags, 8 * (lane >> 1) + 2 * wp + (lane & 1));
-  const uint64_t row = tr.row, srow = tr.srow;
+  const uint64_t row =
+      resolve_token_row<LAYOUT>(a, r, k, idx, lane, flags, 8 * (lane >> 1) + 2 * wp + (lane & 1)).row;
   const bool no_loads = (a.probe & 1) != 0;
 
   // ---- RoPE: 4 instructions, 4 tokens x 8 pieces each ----
@@ -234,33 +234,26 @@ __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a
     for (int qq = 0; qq < kPairsInFlight; ++qq) {
       // (shuffles stay outside the branch below: every lane must take part)
       const uint8_t* src = lane_ptr(row, 2 * (q0 + qq) + b);
-      const uint8_t* ssrc = L::kScaleBytes > 0 ? lane_ptr(srow, 2 * (q0 + qq) + b) : nullptr;
 #pragma unroll
       for (int g = 0; g < 2; ++g) {
         const int u = 2 * qq + g;
         const int c = 16 * g + cl;
-        // invalid keys (and idle lanes) convert zeros with scale 0: +0 rows, no selects
+        // invalid keys convert zeros with scale 0: +0 rows, no selects
         raw[u] = make_uint4(0, 0, 0, 0);
         scale[u] = 0.f;
-        if (src != nullptr && c < kChunks && !no_loads) {
+        if (src != nullptr && !no_loads) {
           raw[u] = ldg_stream_16(src + 16 * c);
-          if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
-            scale[u] = __ldg(reinterpret_cast<const float*>(src + L::kScaleOffset) + (c >> 3));
-          } else {
-            scale[u] = ue8m0_to_float(__ldg(ssrc + (c >> 2)));
-          }
+          scale[u] = __ldg(reinterpret_cast<const float*>(src + L::kScaleOffset) + (c >> 3));
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < 2 * kPairsInFlight; ++u) {
       const int q = q0 + (u >> 1), g = u & 1;
-      if (16 * g + cl < kChunks) {
-        uint4 lo = raw[u], hi = raw[u];
-        if (!(a.probe & 2)) dequant16(raw[u], scale[u], lo, hi);
-        *reinterpret_cast<uint4*>(ktile + off_lo + 1024 * q + 32768 * g) = lo;
-        *reinterpret_cast<uint4*>(ktile + off_hi + 1024 * q + 32768 * g) = hi;
-      }
+      uint4 lo = raw[u], hi = raw[u];
+      if (!(a.probe & 2)) dequant16(raw[u], scale[u], lo, hi);
+      *reinterpret_cast<uint4*>(ktile + off_lo + 1024 * q + 32768 * g) = lo;
+      *reinterpret_cast<uint4*>(ktile + off_hi + 1024 * q + 32768 * g) = hi;
     }
   }
 }
@@ -596,13 +589,10 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
 template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
   constexpr int kSmem = Plan<LAYOUT>::kBytes;
-  auto kernel = sparse_decode_wgmma_kernel<LAYOUT>;
   static std::atomic<uint64_t> configured{0};
-  const cudaError_t err = opt_in_dynamic_smem(kernel, kSmem, configured);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(cdiv(a.h_q, 64), a.s_q, a.num_parts);
-  kernel<<<grid, kThreads, kSmem, stream>>>(a);
-  return cudaGetLastError();
+  const dim3 grid(cdiv(a.h_q, 64), a.s_q, a.num_parts);  // (64-head group, query, part)
+  return launch_with_smem(sparse_decode_wgmma_kernel<LAYOUT>, grid, kThreads, kSmem, configured,
+                          a, stream);
 }
 
 }  // namespace tmla::sm90::sparse_decode_wgmma
