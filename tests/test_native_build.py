@@ -161,6 +161,10 @@ def test_kernels_use_tensor_cores_without_spills(lib_path):
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 .*tnspB", sass)
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert "SYNCS.PHASECHK.TRANS64.TRYWAIT" in sass and "SYNCS.ARRIVE.TRANS64" in sass
+    # its crossover (clusters of two CTAs): st.async into the peer's shared memory, remote
+    # mbarrier arrivals, cluster barriers
+    assert re.search(r"\bSTAS\b", sass) and "SYNCS.ARRIVE.TRANS64.RED" in sass
+    assert "UCGABAR_ARV" in sass and "UCGABAR_WAIT" in sass
 
 
 _LAYOUT_CHECK = r"""

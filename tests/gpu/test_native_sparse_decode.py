@@ -45,12 +45,17 @@ def native_library():
 
 
 # Every test runs on both kernels (the serial mma.sync one and the warp-specialized wgmma one,
-# csrc/sm90/sparse_decode/): the library reads TORCH_MLA_NATIVE_DECODE_WGMMA at every call.
-@pytest.fixture(params=["serial", "wgmma"], autouse=True)
+# csrc/sm90/sparse_decode/), the wgmma one also without its crossover (clusters of two CTAs
+# sharing each tile at h_q 128, 256, ...: probe bit 32 turns it off and leaves results exact):
+# the library reads TORCH_MLA_NATIVE_DECODE_WGMMA and _PROBE at every call.
+@pytest.fixture(params=["serial", "wgmma", "wgmma-nocross"], autouse=True)
 def kernel_variant(request, monkeypatch):
     # the wgmma kernel is the default: the variable unset must select it
-    if request.param == "wgmma":
+    monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_PROBE", raising=False)
+    if request.param.startswith("wgmma"):
         monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_WGMMA", raising=False)
+        if request.param == "wgmma-nocross":
+            monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_PROBE", "32")
     else:
         monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "0")
     return request.param
@@ -335,11 +340,14 @@ def test_library_schedule_matches_decode_schedule(d, etopk):
     check(out1, lse1, q, cache, kw)
 
 
+@pytest.mark.parametrize("h_q", [64, 128])
 @pytest.mark.parametrize("num_parts,block_n", [(1, 64), (7, 64), (132, 64), (600, 64), (7, 32),
                                                (50, 128)])
-def test_caller_schedules(num_parts, block_n):
+def test_caller_schedules(num_parts, block_n, h_q):
+    # (the wgmma kernel walks s_q x num_parts jobs with at most one wave of CTAs: 600 parts are
+    # many jobs a CTA, 1 part leaves most of the grid without a job)
     b, topk, etopk = 6, 512, 128
-    q, cache, kw = make(512, b, 2, 64, topk, etopk, tokens_per_b=600)
+    q, cache, kw = make(512, b, 2, h_q, topk, etopk, tokens_per_b=600)
     # what torch_mla.compat passes: the unrounded sum of both lengths
     seq = (kw["topk_length"] + kw["extra_topk_length"]).to(torch.int32)
     sched = torch_mla.decode_schedule(seq, num_parts=num_parts, block_n=block_n)

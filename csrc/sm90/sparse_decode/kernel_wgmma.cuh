@@ -1,8 +1,11 @@
 // SM90 sparse_decode, warp-specialized wgmma kernel: the default (TORCH_MLA_NATIVE_DECODE_WGMMA=0
 // selects the serial kernel of kernel.cuh instead); csrc/README.md has its measurements.
 //
-// One CTA = 384 threads = three warpgroups for one (64-head group, s_q token, schedule part),
-// walking the same batch elements and 64-key tiles as the serial kernel (kernel.cuh):
+// One CTA = 384 threads = three warpgroups for one 64-head group; persistent: it walks jobs
+// (schedule part, s_q token) with a stride of the grid, one wave of CTAs (the launcher sizes it
+// from the occupancy), and within a job the same batch elements and 64-key tiles as the serial
+// kernel (kernel.cuh). At h_q = 128, 256, ... two CTAs form a cluster and share each tile (the
+// crossover, see the kernel). Per CTA:
 // * warpgroup 2, the producer, gathers each tile's 64 tokens with 16-byte non-coherent loads
 //   (a warp instruction reads whole 128-byte lines of one or two tokens; indices are read two
 //   tiles ahead), dequantizes them (bit-exact with the reference, common/fp8.cuh) straight
@@ -40,6 +43,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "common/cluster.cuh"
 #include "sm90/sparse_decode/kernel.cuh"
 
 namespace tmla::sm90::sparse_decode_wgmma {
@@ -82,8 +86,11 @@ struct Plan {
   static constexpr int kRedMax = kP + 64 * 64 * 2;    // f32 [2][64]
   static constexpr int kRedSum = kRedMax + 2 * 64 * 4;  // f32 [2][64]
   static constexpr int kValid = kRedSum + 2 * 64 * 4;   // u8 [stages][64]
-  static constexpr int kBar = kValid + kStages * 64;    // u64 full[stages], empty[stages]
-  static constexpr int kBytes = kBar + 2 * kStages * 8;
+  // u64 full[stages], empty[stages], remote[stages]
+  static constexpr int kBar = kValid + kStages * 64;
+  static constexpr int kBytes = kBar + 3 * kStages * 8;
+  // crossover: the NoPE bytes the peer stores into a stage (32 rows)
+  static constexpr uint32_t kRemoteBytes = 32 * Layout<LAYOUT>::kDnope * 2;
   static_assert(kTile % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory plan exceeds the 227 KB of an SM90 CTA");
 };
@@ -97,6 +104,8 @@ __host__ __device__ __forceinline__ int sw128(int row, int col) {
 
 __device__ __forceinline__ uint4 ldg_stream_16(const uint8_t* p) {
   uint4 v;
+  // (.L2::256B, a prefetch of the rest of the token's lines into L2, measured no faster: V32
+  // b=128 515 vs 518 us, MODEL1 h_q=128 + extra 1024 335 vs 336 us)
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
@@ -139,6 +148,26 @@ __device__ __forceinline__ ElementPlan element_plan(const SparseDecodeArgs& a, i
   e.r.e_lo = (max(lo, nbm) - nbm) * kBlockN;
   e.r.nte = max(hi, nbm) - max(lo, nbm);
   return e;
+}
+
+// Job j of the persistent grid: query token j % s_q of schedule part j / s_q, and that part's
+// metadata row (an empty part has b_begin >= b, so its element loop does nothing).
+struct JobPlan {
+  int s, b_begin, blk_begin, b_end, blk_end, first_split, sched_bn, b_last;
+};
+
+__device__ __forceinline__ JobPlan job_plan(const SparseDecodeArgs& a, int job) {
+  JobPlan p;
+  p.s = job % a.s_q;
+  const int* meta = a.sched + (job / a.s_q) * kScheduleWidth;
+  p.b_begin = __ldg(meta + 0);
+  p.blk_begin = __ldg(meta + 1);
+  p.b_end = __ldg(meta + 2);
+  p.blk_end = __ldg(meta + 3);
+  p.first_split = __ldg(meta + 4);
+  p.sched_bn = __ldg(meta + 5) > 0 ? __ldg(meta + 5) : kBlockN;
+  p.b_last = min(p.b_end, a.b - 1);
+  return p;
 }
 
 // Lane i < 16 of a producer warp: the row address (0 = invalid key) of the token whose index it
@@ -195,7 +224,8 @@ __device__ __forceinline__ const uint8_t* lane_ptr(uint64_t v, int src_lane) {
 template <int LAYOUT>
 __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a, const Ranges& r, int k,
                                                  int idx, int wp, int lane, uint8_t* ktile,
-                                                 uint8_t* flags) {
+                                                 uint8_t* flags, int half, uint32_t peer_tile,
+                                                 uint32_t peer_bar) {
   static_assert(LAYOUT == TMLA_LAYOUT_V32, "MODEL1 uses fill_warp_tokens_single");
   using L = Layout<LAYOUT>;
   const uint64_t row =
@@ -226,8 +256,11 @@ __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a
   // 16 cl and 16 cl + 8); pair q adds 1024 q, group g adds 4 atoms of 8 rows = 32768 g
   const int off_lo = rr * 128 + ((((2 * cl) & 7) ^ rr) << 4) + (cl >> 2) * 8192;
   const int off_hi = rr * 128 + ((((2 * cl + 1) & 7) ^ rr) << 4) + (cl >> 2) * 8192;
+  // crossover (half >= 0): only pairs 4 half .. 4 half + 3 (tile rows 32 half ..), NoPE
+  // written to both this CTA's stage and the peer's (`peer_tile`, counted on `peer_bar`)
+  const int q_begin = half < 0 ? 0 : 4 * half, q_end = half < 0 ? 8 : 4 * half + 4;
 #pragma unroll 1
-  for (int q0 = 0; q0 < 8; q0 += kPairsInFlight) {
+  for (int q0 = q_begin; q0 < q_end; q0 += kPairsInFlight) {
     uint4 raw[2 * kPairsInFlight];
     float scale[2 * kPairsInFlight];
 #pragma unroll
@@ -254,6 +287,10 @@ __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a
       if (!(a.probe & 2)) dequant16(raw[u], scale[u], lo, hi);
       *reinterpret_cast<uint4*>(ktile + off_lo + 1024 * q + 32768 * g) = lo;
       *reinterpret_cast<uint4*>(ktile + off_hi + 1024 * q + 32768 * g) = hi;
+      if (half >= 0) {
+        st_async_16(peer_tile + off_lo + 1024 * q + 32768 * g, lo, peer_bar);
+        st_async_16(peer_tile + off_hi + 1024 * q + 32768 * g, hi, peer_bar);
+      }
     }
   }
 }
@@ -272,7 +309,8 @@ __device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a
 template <int LAYOUT>
 __device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& a, const Ranges& r, int k,
                                                  int idx, int wp, int lane, uint8_t* ktile,
-                                                 uint8_t* flags) {
+                                                 uint8_t* flags, int half, uint32_t peer_tile,
+                                                 uint32_t peer_bar) {
   using L = Layout<LAYOUT>;
   constexpr int kNopeLanes = L::kDnope / 16;  // 32 or 28
   const TokenRow tr = resolve_token_row<LAYOUT>(a, r, k, idx, lane, flags, 4 * lane + wp);
@@ -298,8 +336,11 @@ __device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& 
   // 16-byte units 2 l, 2 l + 1 of the row; lanes whose atom index (l / 4) is odd store the high
   // unit first, so the 8 lanes of a store phase hit 8 different bank groups
   const bool swap = ((lane >> 2) & 1) != 0;
+  // crossover (half >= 0): only tokens 4 i + wp, i = 8 half .. 8 half + 7 (tile rows 32 half ..),
+  // NoPE written to both this CTA's stage and the peer's (`peer_tile`, counted on `peer_bar`)
+  const int b_first = half < 0 ? 0 : 8 * half, b_stop = half < 0 ? 16 : 8 * half + 8;
 #pragma unroll 1
-  for (int b8 = 0; b8 < 16; b8 += 8) {
+  for (int b8 = b_first; b8 < b_stop; b8 += 8) {
     uint4 raw[8];
     uint32_t scale[8];  // V32: the f32 scale's bits; MODEL1: the ue8m0 byte
     bool valid[8];
@@ -339,12 +380,31 @@ __device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& 
         uint8_t* d1 = ktile + sw128(t, 16 * lane + 8);
         *reinterpret_cast<uint4*>(swap ? d1 : d0) = swap ? hi : lo;
         *reinterpret_cast<uint4*>(swap ? d0 : d1) = swap ? lo : hi;
+        if (half >= 0) {
+          const uint32_t p0 = peer_tile + static_cast<uint32_t>(d0 - ktile);
+          const uint32_t p1 = peer_tile + static_cast<uint32_t>(d1 - ktile);
+          st_async_16(swap ? p1 : p0, swap ? hi : lo, peer_bar);
+          st_async_16(swap ? p0 : p1, swap ? lo : hi, peer_bar);
+        }
       }
     }
   }
 }
 
-template <int LAYOUT>
+// CROSS (the crossover): launched as clusters of two CTAs, head groups 2 j and 2 j + 1 of the
+// same query token and schedule part, hence the same tiles. Each producer gathers and
+// dequantizes the NoPE columns of half of every tile's rows (and all RoPE columns) and stores
+// them into its own K stage and, with st.async, into the peer's. A stage is ready when `full`
+// (this CTA's producer) and `remote` (one arrival with the peer's byte count, completed by
+// its st.async) have both completed; `empty` counts the consumer warps of both CTAs (each
+// arrives on both), since both producers write into both stages. (A first version made the peer
+// count on `full` with cluster-scope release / acquire: even with the producer idle the consumers
+// then ran 1.34x slower, V32 b=128 446 vs 333 us.)
+//
+// Persistent over jobs: job j = (schedule part j / s_q, query token j % s_q); the grid's y
+// extent is at most what the GPU holds at once (the launcher), and CTA y walks jobs y, y +
+// gridDim.y, ... so the producer runs ahead into the next job while the consumers finish one.
+template <int LAYOUT, bool CROSS>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const SparseDecodeArgs a) {
   using L = Layout<LAYOUT>;
   using P = Plan<LAYOUT>;
@@ -357,6 +417,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   float* sRedSum = reinterpret_cast<float*>(smem + P::kRedSum);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + P::kBar);
   uint64_t* empty = full + kStages;
+  uint64_t* remote = empty + kStages;
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;   // 0, 1: consumers; 2: producer
@@ -365,25 +426,20 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       Barrier::init(&full[st], 128);
-      Barrier::init(&empty[st], kConsumerThreads);
+      Barrier::init(&empty[st], CROSS ? 2 * 8 : kConsumerThreads);
+      Barrier::init(&remote[st], 1);
     }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+  // crossover: this CTA's half of each tile, and the peer's barriers are initialized
+  const uint32_t rank = CROSS ? cluster_ctarank() : 0;
+  const int half = CROSS ? static_cast<int>(rank) : -1;
+  if constexpr (CROSS) cluster_sync_all();
 
-  const int hg = blockIdx.x;    // 64-head group
-  const int s = blockIdx.y;     // query token
-  const int part = blockIdx.z;  // schedule part
-  const int* meta = a.sched + part * kScheduleWidth;
-  const int b_begin = __ldg(meta + 0);
-  const int blk_begin = __ldg(meta + 1);
-  const int b_end = __ldg(meta + 2);
-  const int blk_end = __ldg(meta + 3);
-  const int first_split = __ldg(meta + 4);
-  const int sched_bn = __ldg(meta + 5) > 0 ? __ldg(meta + 5) : kBlockN;
-  if (b_begin >= a.b) return;  // empty part (uniform over the CTA)
-  const int b_last = min(b_end, a.b - 1);
+  const int hg = blockIdx.x;  // 64-head group
   const bool has_extra = a.extra.indices != nullptr;
+  const int num_jobs = a.s_q * a.num_parts;
 
   if (wg == 2) {
     // ======================================= producer =======================================
@@ -396,39 +452,55 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
                                               : 4 * (lane & 15) + wp;
     int it = 0;
 #pragma unroll 1
-    for (int i = b_begin; i <= b_last; ++i) {
-      const ElementPlan e = element_plan(a, i, b_begin, blk_begin, b_end, blk_end, first_split, sched_bn);
-      const int nt = e.r.ntm + e.r.nte;
-      if (!e.run || nt == 0) continue;
-      const int* row_m = a.main.indices + i * a.main.stride_b + s * a.main.stride_s;
-      const int* row_e = has_extra ? a.extra.indices + i * a.extra.stride_b + s * a.extra.stride_s : row_m;
-      // Indices are read two tiles ahead, so a gather never waits for its index. (An L2
-      // prefetch of the rows two tiles ahead, cp.async.bulk.prefetch issued lane by lane, cost
-      // the producer more issue slots than it saved: without it V32 b=128 570 vs 601 us,
-      // b=148 topk=16384 4.37 vs 4.55 ms, MODEL1 h_q=64 + extra 512 147 vs 154 us; four tiles
-      // ahead 596 us.)
-      int idx0 = load_index(row_m, row_e, e.r, 0, tok);
-      int idx1 = load_index(row_m, row_e, e.r, 1, tok);
+    for (int job = blockIdx.y; job < num_jobs; job += gridDim.y) {
+      const JobPlan jp = job_plan(a, job);
 #pragma unroll 1
-      for (int k = 0; k < nt; ++k, ++it) {
-        const int idx2 = load_index(row_m, row_e, e.r, k + 2, tok);
-        const int st = it & 1;
-        Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
-        if (!(a.probe & 16)) {
-          uint8_t* ktile = smem + P::kK + st * P::kTile;
-          if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
-            fill_warp_tokens_pairs<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64);
-          } else {
-            fill_warp_tokens_single<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64);
+      for (int i = jp.b_begin; i <= jp.b_last; ++i) {
+        const int s = jp.s;
+        const ElementPlan e = element_plan(a, i, jp.b_begin, jp.blk_begin, jp.b_end, jp.blk_end,
+                                           jp.first_split, jp.sched_bn);
+        const int nt = e.r.ntm + e.r.nte;
+        if (!e.run || nt == 0) continue;
+        const int* row_m = a.main.indices + i * a.main.stride_b + s * a.main.stride_s;
+        const int* row_e = has_extra ? a.extra.indices + i * a.extra.stride_b + s * a.extra.stride_s : row_m;
+        // Indices are read two tiles ahead, so a gather never waits for its index. (An L2
+        // prefetch of the rows two tiles ahead, cp.async.bulk.prefetch issued lane by lane, cost
+        // the producer more issue slots than it saved: without it V32 b=128 570 vs 601 us,
+        // b=148 topk=16384 4.37 vs 4.55 ms, MODEL1 h_q=64 + extra 512 147 vs 154 us; four tiles
+        // ahead 596 us.)
+        int idx0 = load_index(row_m, row_e, e.r, 0, tok);
+        int idx1 = load_index(row_m, row_e, e.r, 1, tok);
+#pragma unroll 1
+        for (int k = 0; k < nt; ++k, ++it) {
+          const int idx2 = load_index(row_m, row_e, e.r, k + 2, tok);
+          const int st = it & 1;
+          Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
+          // crossover: this stage's `remote` phase ends once the peer's bytes have landed
+          if (CROSS && wt == 0) {
+            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
+                &remote[st], (a.probe & 16) ? 0u : P::kRemoteBytes);
           }
+          uint8_t* ktile = smem + P::kK + st * P::kTile;
+          const uint32_t peer_tile = CROSS ? peer_smem_u32(smem_u32(ktile), rank ^ 1) : 0;
+          const uint32_t peer_bar = CROSS ? peer_smem_u32(smem_u32(&remote[st]), rank ^ 1) : 0;
+          if (!(a.probe & 16)) {
+            if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
+              fill_warp_tokens_pairs<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64, half,
+                                             peer_tile, peer_bar);
+            } else {
+              fill_warp_tokens_single<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64, half,
+                                              peer_tile, peer_bar);
+            }
+          }
+          cp_async_wait_all();                         // this thread's RoPE copies landed
+          cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma's reads
+          Barrier::arrive(&full[st]);
+          idx0 = idx1;
+          idx1 = idx2;
         }
-        cp_async_wait_all();                         // this thread's RoPE copies landed
-        cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma's reads
-        Barrier::arrive(&full[st]);
-        idx0 = idx1;
-        idx1 = idx2;
       }
     }
+    if constexpr (CROSS) cluster_sync_all();  // the peer no longer writes into this CTA
     return;
   }
 
@@ -451,148 +523,182 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   int it = 0;
 
 #pragma unroll 1
-  for (int i = b_begin; i <= b_last; ++i) {
-    const ElementPlan e = element_plan(a, i, b_begin, blk_begin, b_end, blk_end, first_split, sched_bn);
-    if (!e.run) continue;  // uniform over the CTA
-    const int nt = e.r.ntm + e.r.nte;
-    named_barrier_sync(kBarElem, kConsumerThreads);  // both are past the last element's sQ reads
-    if (nt > 0) {
-      // Q [64 heads x d_qk] -> shared (heads >= h_q as zeros: computed, never stored)
-      const bf16* qb = a.q + i * a.q_stride_b + s * a.q_stride_s;
-      constexpr int kChunks = kD / 8;
+  for (int job = blockIdx.y; job < num_jobs; job += gridDim.y) {
+    const JobPlan jp = job_plan(a, job);
+    const int s = jp.s;
+#pragma unroll 1
+    for (int i = jp.b_begin; i <= jp.b_last; ++i) {
+      const ElementPlan e = element_plan(a, i, jp.b_begin, jp.blk_begin, jp.b_end, jp.blk_end,
+                                         jp.first_split, jp.sched_bn);
+      if (!e.run) continue;  // uniform over the CTA
+      const int nt = e.r.ntm + e.r.nte;
+      named_barrier_sync(kBarElem, kConsumerThreads);  // both are past the last element's sQ reads
+      if (nt > 0) {
+        // Q [64 heads x d_qk] -> shared (heads >= h_q as zeros: computed, never stored)
+        const bf16* qb = a.q + i * a.q_stride_b + s * a.q_stride_s;
+        constexpr int kChunks = kD / 8;
 #pragma unroll 2
-      for (int c = tid; c < 64 * kChunks; c += kConsumerThreads) {
-        const int row = c / kChunks;
-        const int ch = c - row * kChunks;
-        const int head = 64 * hg + row;
-        uint8_t* dst = smem + P::kQ + sw128(row, 8 * ch);
-        if (head < a.h_q) {
-          cp_async_16(dst, qb + head * a.q_stride_h + 8 * ch);
-        } else {
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        for (int c = tid; c < 64 * kChunks; c += kConsumerThreads) {
+          const int row = c / kChunks;
+          const int ch = c - row * kChunks;
+          const int head = 64 * hg + row;
+          uint8_t* dst = smem + P::kQ + sw128(row, 8 * ch);
+          if (head < a.h_q) {
+            cp_async_16(dst, qb + head * a.q_stride_h + 8 * ch);
+          } else {
+            *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+          }
         }
+        cp_async_commit();
+        cp_async_wait_all();
+        cutlass::arch::fence_view_async_shared();
+        named_barrier_sync(kBarElem, kConsumerThreads);
       }
-      cp_async_commit();
-      cp_async_wait_all();
-      cutlass::arch::fence_view_async_shared();
-      named_barrier_sync(kBarElem, kConsumerThreads);
-    }
 
-    clear(tOrO);
-    float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain) of rows r0, r0 + 8
-    float l0 = 0.f, l1 = 0.f;              // this thread's share of the running sums
+      clear(tOrO);
+      float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain) of rows r0, r0 + 8
+      float l0 = 0.f, l1 = 0.f;              // this thread's share of the running sums
 
 #pragma unroll 1
-    for (int k = 0; k < nt; ++k, ++it) {
-      const int st = it & 1;
-      Barrier::wait(&full[st], (it >> 1) & 1);
-      cbf16* kst = reinterpret_cast<cbf16*>(smem + P::kK + st * P::kTile);
+      for (int k = 0; k < nt; ++k, ++it) {
+        const int st = it & 1;
+        Barrier::wait(&full[st], (it >> 1) & 1);
+        if constexpr (CROSS) Barrier::wait(&remote[st], (it >> 1) & 1);
+        cbf16* kst = reinterpret_cast<cbf16*>(smem + P::kK + st * P::kTile);
 
-      // ---- S = Q K^T for 64 heads x keys 32 w .. 32 w + 31 ----
-      Tensor sK = make_tensor(make_smem_ptr(kst), typename P::LayoutQK{});
-      Tensor tSrK = thr_qk.partition_fragment_B(local_tile(sK, Shape<_32, Int<kD>>{}, make_coord(w, _0{})));
-      Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, _32>{});
-      warpgroup_fence_operand(tSrS);
-      warpgroup_arrive();
-      mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
-        mma_qk.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-
-      // ---- online softmax (log2 domain); S element 4 n + 2 h + e: row r0 + 8 h, key 8 n + q2 + e
-      const uint8_t* vflag = sValid + st * 64 + 32 * w + q2;
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-      CUTE_UNROLL
-      for (int n = 0; n < 4; ++n) {
+        // ---- S = Q K^T for 64 heads x keys 32 w .. 32 w + 31 ----
+        Tensor sK = make_tensor(make_smem_ptr(kst), typename P::LayoutQK{});
+        Tensor tSrK = thr_qk.partition_fragment_B(local_tile(sK, Shape<_32, Int<kD>>{}, make_coord(w, _0{})));
+        Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, _32>{});
+        warpgroup_fence_operand(tSrS);
+        warpgroup_arrive();
+        mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
         CUTE_UNROLL
-        for (int e2 = 0; e2 < 2; ++e2) {
-          const bool v = vflag[8 * n + e2] != 0;
-          tSrS(4 * n + e2) = v ? tSrS(4 * n + e2) * a.scale_log2 : -INFINITY;
-          tSrS(4 * n + 2 + e2) = v ? tSrS(4 * n + 2 + e2) * a.scale_log2 : -INFINITY;
-          mx0 = fmaxf(mx0, tSrS(4 * n + e2));
-          mx1 = fmaxf(mx1, tSrS(4 * n + 2 + e2));
+        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+          cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+          mma_qk.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tSrS);
+
+        // ---- online softmax (log2 domain); S element 4 n + 2 h + e: row r0 + 8 h, key 8 n + q2 + e
+        const uint8_t* vflag = sValid + st * 64 + 32 * w + q2;
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+        CUTE_UNROLL
+        for (int n = 0; n < 4; ++n) {
+          CUTE_UNROLL
+          for (int e2 = 0; e2 < 2; ++e2) {
+            const bool v = vflag[8 * n + e2] != 0;
+            tSrS(4 * n + e2) = v ? tSrS(4 * n + e2) * a.scale_log2 : -INFINITY;
+            tSrS(4 * n + 2 + e2) = v ? tSrS(4 * n + 2 + e2) * a.scale_log2 : -INFINITY;
+            mx0 = fmaxf(mx0, tSrS(4 * n + e2));
+            mx1 = fmaxf(mx1, tSrS(4 * n + 2 + e2));
+          }
+        }
+        mx0 = warp_quad_max(mx0);
+        mx1 = warp_quad_max(mx1);
+        if ((lane & 3) == 0) {
+          sRedMax[w * 64 + r0] = mx0;
+          sRedMax[w * 64 + r0 + 8] = mx1;
+        }
+        named_barrier_sync(kBarMax, kConsumerThreads);
+        const float mn0 = fmaxf(m0, fmaxf(mx0, sRedMax[(w ^ 1) * 64 + r0]));
+        const float mn1 = fmaxf(m1, fmaxf(mx1, sRedMax[(w ^ 1) * 64 + r0 + 8]));
+        // A row that has seen no valid key keeps max -inf: shift by 0 there (no -inf - -inf).
+        const float mu0 = mn0 == -INFINITY ? 0.f : mn0;
+        const float mu1 = mn1 == -INFINITY ? 0.f : mn1;
+        const float alpha0 = exp2f(m0 - mu0);
+        const float alpha1 = exp2f(m1 - mu1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.f, ps1 = 0.f;
+        CUTE_UNROLL
+        for (int n = 0; n < 4; ++n) {
+          const float p0 = exp2f(tSrS(4 * n + 0) - mu0), p1 = exp2f(tSrS(4 * n + 1) - mu0);
+          const float p2 = exp2f(tSrS(4 * n + 2) - mu1), p3 = exp2f(tSrS(4 * n + 3) - mu1);
+          ps0 += p0 + p1;
+          ps1 += p2 + p3;
+          const int key = 32 * w + 8 * n + q2;
+          *reinterpret_cast<uint32_t*>(sPb + sw128(r0, key)) = pack_bf16x2(p0, p1);
+          *reinterpret_cast<uint32_t*>(sPb + sw128(r0 + 8, key)) = pack_bf16x2(p2, p3);
+        }
+        l0 = l0 * alpha0 + ps0;
+        l1 = l1 * alpha1 + ps1;
+        CUTE_UNROLL
+        for (int j = 0; j < 32; ++j) {
+          tOrO(4 * j + 0) *= alpha0;
+          tOrO(4 * j + 1) *= alpha0;
+          tOrO(4 * j + 2) *= alpha1;
+          tOrO(4 * j + 3) *= alpha1;
+        }
+        cutlass::arch::fence_view_async_shared();  // P stores -> wgmma's reads
+        named_barrier_sync(kBarP, kConsumerThreads);
+
+        // ---- O[64 heads x 256 columns] += P V ----
+        Tensor sVt = make_tensor(make_smem_ptr(kst), typename P::LayoutVt{});
+        Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, Shape<_256, _64>{}, make_coord(w, _0{})));
+        warpgroup_fence_operand(tOrO);
+        warpgroup_arrive();
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        if constexpr (CROSS) {
+          __syncwarp();  // the warp's wgmma reads of the stage are done
+          Barrier::arrive(&empty[st], 0u, lane == 0);
+          Barrier::arrive(&empty[st], 1u, lane == 0);
+        } else {
+          Barrier::arrive(&empty[st]);
         }
       }
-      mx0 = warp_quad_max(mx0);
-      mx1 = warp_quad_max(mx1);
+
+      // ---- finish: total row sums, then out / lse (only part) or a split-KV partial ----
+      l0 = warp_quad_sum(l0);
+      l1 = warp_quad_sum(l1);
       if ((lane & 3) == 0) {
-        sRedMax[w * 64 + r0] = mx0;
-        sRedMax[w * 64 + r0 + 8] = mx1;
+        sRedSum[w * 64 + r0] = l0;
+        sRedSum[w * 64 + r0 + 8] = l1;
       }
-      named_barrier_sync(kBarMax, kConsumerThreads);
-      const float mn0 = fmaxf(m0, fmaxf(mx0, sRedMax[(w ^ 1) * 64 + r0]));
-      const float mn1 = fmaxf(m1, fmaxf(mx1, sRedMax[(w ^ 1) * 64 + r0 + 8]));
-      // A row that has seen no valid key keeps max -inf: shift by 0 there (no -inf - -inf).
-      const float mu0 = mn0 == -INFINITY ? 0.f : mn0;
-      const float mu1 = mn1 == -INFINITY ? 0.f : mn1;
-      const float alpha0 = exp2f(m0 - mu0);
-      const float alpha1 = exp2f(m1 - mu1);
-      m0 = mn0;
-      m1 = mn1;
-      float ps0 = 0.f, ps1 = 0.f;
-      CUTE_UNROLL
-      for (int n = 0; n < 4; ++n) {
-        const float p0 = exp2f(tSrS(4 * n + 0) - mu0), p1 = exp2f(tSrS(4 * n + 1) - mu0);
-        const float p2 = exp2f(tSrS(4 * n + 2) - mu1), p3 = exp2f(tSrS(4 * n + 3) - mu1);
-        ps0 += p0 + p1;
-        ps1 += p2 + p3;
-        const int key = 32 * w + 8 * n + q2;
-        *reinterpret_cast<uint32_t*>(sPb + sw128(r0, key)) = pack_bf16x2(p0, p1);
-        *reinterpret_cast<uint32_t*>(sPb + sw128(r0 + 8, key)) = pack_bf16x2(p2, p3);
-      }
-      l0 = l0 * alpha0 + ps0;
-      l1 = l1 * alpha1 + ps1;
-      CUTE_UNROLL
-      for (int j = 0; j < 32; ++j) {
-        tOrO(4 * j + 0) *= alpha0;
-        tOrO(4 * j + 1) *= alpha0;
-        tOrO(4 * j + 2) *= alpha1;
-        tOrO(4 * j + 3) *= alpha1;
-      }
-      cutlass::arch::fence_view_async_shared();  // P stores -> wgmma's reads
-      named_barrier_sync(kBarP, kConsumerThreads);
-
-      // ---- O[64 heads x 256 columns] += P V ----
-      Tensor sVt = make_tensor(make_smem_ptr(kst), typename P::LayoutVt{});
-      Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, Shape<_256, _64>{}, make_coord(w, _0{})));
-      warpgroup_fence_operand(tOrO);
-      warpgroup_arrive();
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      Barrier::arrive(&empty[st]);
+      named_barrier_sync(kBarSum, kConsumerThreads);
+      const float lt0 = sRedSum[r0] + sRedSum[64 + r0];  // same order in both warpgroups
+      const float lt1 = sRedSum[r0 + 8] + sRedSum[64 + r0 + 8];
+      write_decode_rows(a, i, s, e.nsp, e.split, 64 * hg + r0, 256 * w + q2, m0, m1, lt0, lt1,
+                        w == 0 && (lane & 3) == 0,
+                        [&](int j, int h, int c) { return tOrO(4 * j + 2 * h + c); });
     }
-
-    // ---- finish: total row sums, then out / lse (only part) or a split-KV partial ----
-    l0 = warp_quad_sum(l0);
-    l1 = warp_quad_sum(l1);
-    if ((lane & 3) == 0) {
-      sRedSum[w * 64 + r0] = l0;
-      sRedSum[w * 64 + r0 + 8] = l1;
-    }
-    named_barrier_sync(kBarSum, kConsumerThreads);
-    const float lt0 = sRedSum[r0] + sRedSum[64 + r0];  // same order in both warpgroups
-    const float lt1 = sRedSum[r0 + 8] + sRedSum[64 + r0 + 8];
-    write_decode_rows(a, i, s, e.nsp, e.split, 64 * hg + r0, 256 * w + q2, m0, m1, lt0, lt1,
-                      w == 0 && (lane & 3) == 0,
-                      [&](int j, int h, int c) { return tOrO(4 * j + 2 * h + c); });
   }
+  if constexpr (CROSS) cluster_sync_all();  // the peer no longer writes into this CTA
 }
 
+template <int LAYOUT, bool CROSS>
+cudaError_t launch_variant(const SparseDecodeArgs& a, cudaStream_t stream) {
+  constexpr int kSmem = Plan<LAYOUT>::kBytes;
+  constexpr int kCluster = CROSS ? 2 : 1;
+  auto kernel = sparse_decode_wgmma_kernel<LAYOUT, CROSS>;
+  static std::atomic<uint64_t> configured{0};
+  static std::atomic<int> resident[64];
+  cudaError_t err = opt_in_dynamic_smem(kernel, kSmem, configured);
+  if (err != cudaSuccess) return err;
+  int clusters = 0;
+  err = resident_clusters(kernel, kThreads, kSmem, kCluster, resident, &clusters);
+  if (err != cudaSuccess) return err;
+  // grid (64-head group, job slot): as many job slots as one wave holds (probe 64: one slot a
+  // job, i.e. several waves)
+  const int groups = cdiv(a.h_q, 64);
+  const int jobs = a.s_q * a.num_parts;
+  int slots = clusters * kCluster / groups;
+  slots = (a.probe & 64) ? jobs : max(1, min(jobs, slots));
+  return launch_clusters(kernel, dim3(groups, slots, 1), kThreads, kSmem, kCluster, a, stream);
+}
+
+// The crossover whenever the head groups pair up (h_q a multiple of 128); probe 32 turns it off
+// (profiling).
 template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
-  constexpr int kSmem = Plan<LAYOUT>::kBytes;
-  static std::atomic<uint64_t> configured{0};
-  const dim3 grid(cdiv(a.h_q, 64), a.s_q, a.num_parts);  // (64-head group, query, part)
-  return launch_with_smem(sparse_decode_wgmma_kernel<LAYOUT>, grid, kThreads, kSmem, configured,
-                          a, stream);
+  if (cdiv(a.h_q, 64) % 2 == 0 && !(a.probe & 32)) return launch_variant<LAYOUT, true>(a, stream);
+  return launch_variant<LAYOUT, false>(a, stream);
 }
 
 }  // namespace tmla::sm90::sparse_decode_wgmma
