@@ -161,10 +161,11 @@ def test_kernels_use_tensor_cores_without_spills(lib_path):
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 .*tnspB", sass)
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert "SYNCS.PHASECHK.TRANS64.TRYWAIT" in sass and "SYNCS.ARRIVE.TRANS64" in sass
-    # its crossover (clusters of two CTAs): st.async into the peer's shared memory, remote
-    # mbarrier arrivals, cluster barriers
-    assert re.search(r"\bSTAS\b", sass) and "SYNCS.ARRIVE.TRANS64.RED" in sass
+    # its crossover (clusters of two CTAs): bulk copies into the peer's shared memory, remote
+    # mbarrier arrivals, cluster barriers; RoPE copies tracked by the stage's mbarrier
+    assert "UBLKCP.S.S" in sass and "SYNCS.ARRIVE.TRANS64.RED" in sass
     assert "UCGABAR_ARV" in sass and "UCGABAR_WAIT" in sass
+    assert "ARRIVES.LDGSTSBAR.64" in sass
 
 
 _LAYOUT_CHECK = r"""

@@ -1,5 +1,5 @@
-// Thread-block-cluster helpers (sm_90): distributed shared memory stores that signal the peer's
-// mbarrier, cluster-wide barrier. Written as PTX because they take the 32-bit shared::cluster
+// Thread-block-cluster helpers (sm_90): bulk copies into a peer CTA's shared memory that signal
+// the peer's mbarrier, cluster-wide barrier. Written as PTX because they take the 32-bit shared::cluster
 // addresses mapa returns.
 #pragma once
 
@@ -25,13 +25,15 @@ __device__ __forceinline__ uint32_t peer_smem_u32(uint32_t a, uint32_t rank) {
   return r;
 }
 
-// 16 bytes to a peer CTA's shared memory (`a`, a shared::cluster address) that, once written,
-// count as 16 bytes of the transaction count of the peer's mbarrier `bar` (shared::cluster
-// address): the peer waits on its own barrier for the data, with no cluster-scope fences here.
-__device__ __forceinline__ void st_async_16(uint32_t a, uint4 v, uint32_t bar) {
+// `bytes` (a multiple of 16) from this CTA's shared memory at `src` (shared::cta address) to a
+// peer's at `dst` (shared::cluster address) by the bulk-copy engine; once written they count on
+// the peer's mbarrier `bar` (shared::cluster address) as `bytes` of its transaction count. The
+// source is read through the async proxy: generic stores to it need fence.proxy.async first.
+__device__ __forceinline__ void bulk_copy_to_peer(uint32_t dst, uint32_t src, uint32_t bytes,
+                                                  uint32_t bar) {
   asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(a),
-      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(bar)
+      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+      "r"(src), "r"(bytes), "r"(bar)
       : "memory");
 }
 

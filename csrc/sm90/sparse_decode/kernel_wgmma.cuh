@@ -63,8 +63,8 @@ constexpr int kStages = 2;
 // = 64512 registers: 2 x 128 x 192 + 128 x 120 = 64512. An allocation beyond the pool never
 // completes (the consumers would wait forever). The consumers need ~184 (128 O accumulators
 // + 16 of S); the producer holds 8 x 16 bytes of FP8 and their scales in flight.
-constexpr int kConsumerRegs = 192;
-constexpr int kProducerRegs = 120;
+constexpr int kConsumerRegs = 184;
+constexpr int kProducerRegs = 136;
 static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= kThreads * 168,
               "register budgets exceed the CTA's pool");
 // named barriers (0 is __syncthreads)
@@ -89,8 +89,10 @@ struct Plan {
   // u64 full[stages], empty[stages], remote[stages]
   static constexpr int kBar = kValid + kStages * 64;
   static constexpr int kBytes = kBar + 3 * kStages * 8;
-  // crossover: the NoPE bytes the peer stores into a stage (32 rows)
+  // crossover: the NoPE bytes the peer copies into a stage (32 rows: 4 warps x 1 KB a 64 columns)
   static constexpr uint32_t kRemoteBytes = 32 * Layout<LAYOUT>::kDnope * 2;
+  static_assert(Layout<LAYOUT>::kDnope % 64 == 0 && kRemoteBytes == Layout<LAYOUT>::kDnope / 64 * 4096,
+                "the crossover copies whole 1 KB atoms of 64 columns");
   static_assert(kTile % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory plan exceeds the 227 KB of an SM90 CTA");
 };
@@ -171,22 +173,20 @@ __device__ __forceinline__ JobPlan job_plan(const SparseDecodeArgs& a, int job) 
 }
 
 // Lane i < 16 of a producer warp: the row address (0 = invalid key) of the token whose index it
-// holds, and, MODEL1, of its scale word; the token's validity flag goes to flags[flag_row].
+// holds, and, MODEL1, of its scale word. It writes nothing to shared memory, so the next tile's
+// rows are resolved, and their loads issued, before that tile's stage is free.
 struct TokenRow {
   uint64_t row, srow;
 };
 
 template <int LAYOUT>
 __device__ __forceinline__ TokenRow resolve_token_row(const SparseDecodeArgs& a, const Ranges& r,
-                                                      int k, int idx, int lane, uint8_t* flags,
-                                                      int flag_row) {
+                                                      int k, int idx, int lane) {
   using L = Layout<LAYOUT>;
   TokenRow t{0, 0};
   const bool ex = k >= r.ntm;
   const int64_t slots = ex ? a.extra.num_slots : a.main.num_slots;
-  const bool valid = lane < 16 && idx >= 0 && static_cast<int64_t>(idx) < slots;
-  if (lane < 16) flags[flag_row] = valid ? 1 : 0;
-  if (valid) {
+  if (lane < 16 && idx >= 0 && static_cast<int64_t>(idx) < slots) {
     const int bs = ex ? a.extra.block_size : a.main.block_size;
     const int blk = idx / bs;
     const int off = idx - blk * bs;
@@ -208,198 +208,186 @@ __device__ __forceinline__ const uint8_t* lane_ptr(uint64_t v, int src_lane) {
   return reinterpret_cast<const uint8_t*>((static_cast<uint64_t>(hi) << 32) | lo);
 }
 
-// V32 producer (MODEL1 measured faster with the next function's mapping), one
-// warp: its 16 rows of tile k -> K stage `ktile` (bf16, swizzled), zero rows for
-// invalid keys, and their validity flags. Warp wp owns the row pairs (8 q + 2 wp, 8 q + 2 wp + 1),
-// q = 0..7; lane i < 16 holds the index of the warp's token i, row 8 (i / 2) + 2 wp + i % 2
-// (`idx`), resolves its address once and hands it to the other lanes with shuffles.
-// NoPE: one load instruction covers 16-byte chunks 16 g .. 16 g + 15 of both rows of pair q
-// (lane l: row bit b = (l / 4) % 2, chunk 16 g + l % 4 + 4 (l / 8)), i.e. whole 128-byte lines.
-// The two rows of a pair differ in the
-// lowest bit of row % 8, so the 8 lanes of each 16-byte store phase hit 8 different bank
-// groups of the swizzled tile with no data shuffling, and every store address is a per-lane
-// base plus an immediate. RoPE (128 bytes) goes by cp.async, lanes 8 j .. 8 j + 7 one token.
-// (Measured at V32 b=128: two threads a token with 16 consecutive loads each: 930 us; one
-// token a load instruction with per-token address math and selects: 638 us.)
-template <int LAYOUT>
-__device__ __forceinline__ void fill_warp_tokens_pairs(const SparseDecodeArgs& a, const Ranges& r, int k,
-                                                 int idx, int wp, int lane, uint8_t* ktile,
-                                                 uint8_t* flags, int half, uint32_t peer_tile,
-                                                 uint32_t peer_bar) {
-  static_assert(LAYOUT == TMLA_LAYOUT_V32, "MODEL1 uses fill_warp_tokens_single");
-  using L = Layout<LAYOUT>;
-  const uint64_t row =
-      resolve_token_row<LAYOUT>(a, r, k, idx, lane, flags, 8 * (lane >> 1) + 2 * wp + (lane & 1)).row;
-  const bool no_loads = (a.probe & 1) != 0;
+// One batch of a producer warp's NoPE loads, in registers from issue to store: 8 x 16 bytes of
+// e4m3 a lane and their scales (V32: the f32 scale's bits; MODEL1: the ue8m0 byte). An invalid
+// key loads nothing and keeps zero bytes, which dequantize to +0 under any finite scale.
+struct RawBatch {
+  uint4 raw[8];
+  uint32_t scale[8];
+};
 
-  // ---- RoPE: 4 instructions, 4 tokens x 8 pieces each ----
+// A producer warp owns two 8-row swizzle atoms of each tile (its 16 tokens: token i is row
+// 8 atom(i / 8) + i % 8): atoms 2 wp, 2 wp + 1, or, crossover, 4 half + wp (in its CTA's half of
+// the rows, whose NoPE it gathers and then copies on to the peer: one contiguous KB a 64-column
+// block) and 4 (1 - half) + wp (in the peer's half: only its RoPE and validity flags).
+__device__ __forceinline__ int warp_atom(int j, int wp, int half) {
+  return half < 0 ? 2 * wp + j : 4 * (j == 0 ? half : 1 - half) + wp;
+}
+
+__device__ __forceinline__ int token_row(int i, int wp, int half) {
+  return 8 * warp_atom(i >> 3, wp, half) + (i & 7);
+}
+
+// Where the producer's stores of a batch go: its K stage (crossover: the producer loop's bulk
+// copy then sends this CTA's rows of the NoPE columns on to the peer).
+struct StageDst {
+  uint8_t* ktile;
+  bool dequant;  // false: profiling probe 2
+  bool local;    // false: profiling probe 256 (no stores)
+};
+
+__device__ __forceinline__ void store_16(const StageDst& d, int off, uint4 v) {
+  if (d.local) *reinterpret_cast<uint4*>(d.ktile + off) = v;
+}
+
+// V32 producer (MODEL1 measured faster with the "single" mapping below), one warp: its 16 rows
+// of a tile: the row pairs (tokens 2 q, 2 q + 1), q = 0..7, of its two atoms (token_row); lane
+// i < 16 holds the index of the warp's token i and resolves its address (`row`); the other lanes
+// get it by shuffles.
+// NoPE: one load instruction covers 16-byte chunks 16 g .. 16 g + 15 of both rows of pair q
+// (lane l: row bit b = (l / 4) % 2, chunk 16 g + l % 4 + 4 (l / 8)), i.e. whole 128-byte lines;
+// a batch is the 4 pairs of one atom. The two rows of a pair differ in the lowest bit of
+// row % 8, so the 8 lanes of each 16-byte store phase hit 8 different bank groups of the
+// swizzled tile with no data shuffling. RoPE (128 bytes) goes by cp.async, lanes 8 j .. 8 j + 7
+// one token.
+// (Measured at V32 b=128: two threads a token with 16 consecutive loads each: 930 us; one
+// token a load instruction with per-token address math and selects: 638 us; all 8 pairs in
+// flight instead of two batches of 4: 624 vs 609 us.)
+template <int LAYOUT>
+__device__ __forceinline__ RawBatch gather_pairs(uint64_t row, int q0, int lane, bool no_loads) {
+  static_assert(LAYOUT == TMLA_LAYOUT_V32, "MODEL1 uses the single mapping");
+  using L = Layout<LAYOUT>;
+  const int b = (lane >> 2) & 1;                // which row of the pair
+  const int cl = (lane & 3) + 4 * (lane >> 3);  // chunk within the group of 16
+  RawBatch x;
+#pragma unroll
+  for (int qq = 0; qq < 4; ++qq) {
+    // (shuffles stay outside the branch below: every lane must take part)
+    const uint8_t* src = lane_ptr(row, 2 * (q0 + qq) + b);
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      const int u = 2 * qq + g;
+      const int c = 16 * g + cl;
+      x.raw[u] = make_uint4(0, 0, 0, 0);
+      x.scale[u] = 0;
+      if (src != nullptr && !no_loads) {
+        x.raw[u] = ldg_stream_16(src + 16 * c);
+        x.scale[u] = __ldg(reinterpret_cast<const uint32_t*>(src + L::kScaleOffset) + (c >> 3));
+      }
+    }
+  }
+  return x;
+}
+
+// The batch of atom `atom` (pairs q = 0..3 of it: rows 8 atom + 2 q, 8 atom + 2 q + 1).
+template <int LAYOUT>
+__device__ __forceinline__ void store_pairs(const RawBatch& x, int atom, int lane, const StageDst& d) {
+  const int b = (lane >> 2) & 1;                // which row of the pair
+  const int cl = (lane & 3) + 4 * (lane >> 3);  // chunk within the group of 16
+  // sw128 of row 8 atom + 2 q + b, columns 16 cl (lo) and 16 cl + 8 (hi), without the row's
+  // 16-byte unit XOR by 2 q (applied per pair below); group g adds 4 column blocks = 32768 g
+  const int base = atom * 1024 + b * 128 + (cl >> 2) * 8192;
+  const int unit_lo = ((2 * cl) & 7) ^ b, unit_hi = ((2 * cl + 1) & 7) ^ b;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int q = u >> 1, g = u & 1;
+    uint4 lo = x.raw[u], hi = x.raw[u];
+    if (d.dequant) dequant16(x.raw[u], __uint_as_float(x.scale[u]), lo, hi);
+    const int row_off = base + 256 * q + 32768 * g;
+    store_16(d, row_off + ((unit_lo ^ (2 * q)) << 4), lo);
+    store_16(d, row_off + ((unit_hi ^ (2 * q)) << 4), hi);
+  }
+}
+
+// The warp's 16 validity flags and RoPE copies (every CTA of a crossover pair copies all rows'
+// RoPE itself: 128 bytes a token by cp.async, cheaper than sharing them).
+template <int LAYOUT>
+__device__ __forceinline__ void rope_tokens(uint64_t row, int wp, int half, int lane, uint8_t* ktile,
+                                            uint8_t* flags, bool no_loads) {
+  using L = Layout<LAYOUT>;
+  if (lane < 16) flags[token_row(lane, wp, half)] = row != 0 ? 1 : 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int i = 4 * j + (lane >> 3);  // the warp's token i
     const uint8_t* src = lane_ptr(row, i);
-    uint8_t* dst = ktile + sw128(8 * (i >> 1) + 2 * wp + (i & 1), L::kDnope + 8 * (lane & 7));
+    uint8_t* dst = ktile + sw128(token_row(i, wp, half), L::kDnope + 8 * (lane & 7));
     if (src != nullptr && !no_loads) {
       cp_async_16(dst, src + L::kRopeOffset + 16 * (lane & 7));
     } else if (src == nullptr) {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-    }
-  }
-
-  // ---- NoPE: 8 pairs x 2 chunk groups; the loads of kPairsInFlight pairs first, then their
-  // conversions (all 8 pairs in flight measured slower: V32 b=128 624 vs 609 us, b=148
-  // topk=16384 4.83 vs 4.53 ms) ----
-  constexpr int kPairsInFlight = 4;
-  const int b = (lane >> 2) & 1;              // which row of the pair
-  const int rr = 2 * wp + b;                  // row % 8
-  const int cl = (lane & 3) + 4 * (lane >> 3);  // chunk within the group of 16
-  // byte offsets of this lane's two 16-byte units in pair 0, group 0 (sw128 with row rr, column
-  // 16 cl and 16 cl + 8); pair q adds 1024 q, group g adds 4 atoms of 8 rows = 32768 g
-  const int off_lo = rr * 128 + ((((2 * cl) & 7) ^ rr) << 4) + (cl >> 2) * 8192;
-  const int off_hi = rr * 128 + ((((2 * cl + 1) & 7) ^ rr) << 4) + (cl >> 2) * 8192;
-  // crossover (half >= 0): only pairs 4 half .. 4 half + 3 (tile rows 32 half ..), NoPE
-  // written to both this CTA's stage and the peer's (`peer_tile`, counted on `peer_bar`)
-  const int q_begin = half < 0 ? 0 : 4 * half, q_end = half < 0 ? 8 : 4 * half + 4;
-#pragma unroll 1
-  for (int q0 = q_begin; q0 < q_end; q0 += kPairsInFlight) {
-    uint4 raw[2 * kPairsInFlight];
-    float scale[2 * kPairsInFlight];
-#pragma unroll
-    for (int qq = 0; qq < kPairsInFlight; ++qq) {
-      // (shuffles stay outside the branch below: every lane must take part)
-      const uint8_t* src = lane_ptr(row, 2 * (q0 + qq) + b);
-#pragma unroll
-      for (int g = 0; g < 2; ++g) {
-        const int u = 2 * qq + g;
-        const int c = 16 * g + cl;
-        // invalid keys convert zeros with scale 0: +0 rows, no selects
-        raw[u] = make_uint4(0, 0, 0, 0);
-        scale[u] = 0.f;
-        if (src != nullptr && !no_loads) {
-          raw[u] = ldg_stream_16(src + 16 * c);
-          scale[u] = __ldg(reinterpret_cast<const float*>(src + L::kScaleOffset) + (c >> 3));
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 2 * kPairsInFlight; ++u) {
-      const int q = q0 + (u >> 1), g = u & 1;
-      uint4 lo = raw[u], hi = raw[u];
-      if (!(a.probe & 2)) dequant16(raw[u], scale[u], lo, hi);
-      *reinterpret_cast<uint4*>(ktile + off_lo + 1024 * q + 32768 * g) = lo;
-      *reinterpret_cast<uint4*>(ktile + off_hi + 1024 * q + 32768 * g) = hi;
-      if (half >= 0) {
-        st_async_16(peer_tile + off_lo + 1024 * q + 32768 * g, lo, peer_bar);
-        st_async_16(peer_tile + off_hi + 1024 * q + 32768 * g, hi, peer_bar);
-      }
     }
   }
 }
 
-// MODEL1 producer, one warp: its 16 tokens 4 i + wp (i = 0..15) of tile k -> K stage `ktile`
-// (bf16, swizzled), zero rows for invalid keys, and their validity flags. (The paired mapping
+// MODEL1 producer, one warp: its 16 tokens (token_row) of a tile. (The paired mapping
 // above made MODEL1 slower, 185 vs 158 us at h_q=64 + extra 512 and 559 vs 458 us at h_q=128 +
-// extra 1024, H100, 2026-11-25, while it sped up every V32 row; why was not measured.) Lane i (< 16) holds the
-// index of token 4 i + wp (`idx`); it resolves the token's address once and hands it to the
-// other lanes with shuffles. Every load instruction of the warp then reads whole 128-byte lines:
-// for NoPE, lane l takes 16-byte chunk l of one token (V32: chunks 0..31 = 512 bytes; MODEL1:
-// 0..27 = 448 bytes, lanes 28..31 idle), so one instruction moves a whole token; for RoPE
-// (128 bytes), lanes 8 j .. 8 j + 7 copy one token's 8 pieces with cp.async. (A first version
-// gave each thread half a token, 16 consecutive 16-byte loads: every warp instruction touched
-// 32 lines, and the producer took 2.6x as long as the consumers.)
+// extra 1024, H100, 2026-11-25, while it sped up every V32 row; why was not measured.) Lane i
+// (< 16) holds the index of token i and resolves its address; the other lanes get it by
+// shuffles. Every load instruction of the warp reads whole 128-byte lines: for NoPE, lane l takes
+// 16-byte chunk l of one token (V32: chunks 0..31 = 512 bytes; MODEL1: 0..27 = 448 bytes, lanes
+// 28..31 idle), so one instruction moves a whole token, and a batch is tokens b8 .. b8 + 7; for
+// RoPE (128 bytes), lanes 8 j .. 8 j + 7 copy one token's 8 pieces with cp.async. (A first version
+// gave each thread half a token, 16 consecutive 16-byte loads: every warp instruction touched 32
+// lines, and the producer took 2.6x as long as the consumers. 16 loads in flight do not fit the
+// producer's registers.)
 template <int LAYOUT>
-__device__ __forceinline__ void fill_warp_tokens_single(const SparseDecodeArgs& a, const Ranges& r, int k,
-                                                 int idx, int wp, int lane, uint8_t* ktile,
-                                                 uint8_t* flags, int half, uint32_t peer_tile,
-                                                 uint32_t peer_bar) {
+__device__ __forceinline__ RawBatch gather_single(const TokenRow& t, int b8, int lane, bool no_loads) {
   using L = Layout<LAYOUT>;
-  constexpr int kNopeLanes = L::kDnope / 16;  // 32 or 28
-  const TokenRow tr = resolve_token_row<LAYOUT>(a, r, k, idx, lane, flags, 4 * lane + wp);
-  const uint64_t row = tr.row, srow = tr.srow;
-  const bool no_loads = (a.probe & 1) != 0;
-
-  // ---- RoPE: 4 instructions, 4 tokens x 8 pieces each ----
+  const bool nope_lane = lane < L::kDnope / 16;  // 32 or 28 lanes
+  RawBatch x;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int i = 4 * j + (lane >> 3);  // token 4 i + wp
-    const uint8_t* src = lane_ptr(row, i);
-    uint8_t* dst = ktile + sw128(4 * i + wp, L::kDnope + 8 * (lane & 7));
-    if (src != nullptr && !no_loads) {
-      cp_async_16(dst, src + L::kRopeOffset + 16 * (lane & 7));
-    } else if (src == nullptr) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < 8; ++i) {
+    // (shuffles stay outside the branch below: every lane must take part)
+    const uint8_t* src = lane_ptr(t.row, b8 + i);
+    const uint8_t* ssrc = L::kScaleBytes > 0 ? lane_ptr(t.srow, b8 + i) : nullptr;
+    x.raw[i] = make_uint4(0, 0, 0, 0);
+    x.scale[i] = 0;
+    if (src != nullptr && nope_lane && !no_loads) {
+      x.raw[i] = ldg_stream_16(src + 16 * lane);
+      if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
+        x.scale[i] = __ldg(reinterpret_cast<const uint32_t*>(src + L::kScaleOffset) + (lane >> 3));
+      } else {
+        x.scale[i] = __ldg(ssrc + (lane >> 2));
+      }
     }
   }
+  return x;
+}
 
-  // ---- NoPE: 16 instructions, one token each, in two batches of 8 (loads first, then the
-  // conversions; 16 in flight would not fit the producer's registers) ----
-  const bool nope_lane = lane < kNopeLanes;
+// The batch of atom `atom` (its 8 rows, one token each).
+template <int LAYOUT>
+__device__ __forceinline__ void store_single(const RawBatch& x, int atom, int lane, const StageDst& d) {
+  if (lane >= Layout<LAYOUT>::kDnope / 16) return;
   // 16-byte units 2 l, 2 l + 1 of the row; lanes whose atom index (l / 4) is odd store the high
   // unit first, so the 8 lanes of a store phase hit 8 different bank groups
   const bool swap = ((lane >> 2) & 1) != 0;
-  // crossover (half >= 0): only tokens 4 i + wp, i = 8 half .. 8 half + 7 (tile rows 32 half ..),
-  // NoPE written to both this CTA's stage and the peer's (`peer_tile`, counted on `peer_bar`)
-  const int b_first = half < 0 ? 0 : 8 * half, b_stop = half < 0 ? 16 : 8 * half + 8;
-#pragma unroll 1
-  for (int b8 = b_first; b8 < b_stop; b8 += 8) {
-    uint4 raw[8];
-    uint32_t scale[8];  // V32: the f32 scale's bits; MODEL1: the ue8m0 byte
-    bool valid[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint8_t* src = lane_ptr(row, b8 + i);
-      // (shuffles stay outside the branch below: every lane must take part)
-      const uint8_t* ssrc = L::kScaleBytes > 0 ? lane_ptr(srow, b8 + i) : nullptr;
-      valid[i] = src != nullptr;
-      raw[i] = make_uint4(i, lane, 0, 0);
-      scale[i] = 0x3f800000u;
-      if (valid[i] && nope_lane && !no_loads) {
-        raw[i] = ldg_stream_16(src + 16 * lane);
-        if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
-          scale[i] = __ldg(reinterpret_cast<const uint32_t*>(src + L::kScaleOffset) + (lane >> 3));
-        } else {
-          scale[i] = __ldg(ssrc + (lane >> 2));
-        }
-      }
+  for (int i = 0; i < 8; ++i) {
+    uint4 lo = x.raw[i], hi = x.raw[i];
+    // (An integer-op path for power-of-two scales, e4m3 bits re-biased into bf16 and one bf16
+    // multiply, measured slower here: 735 vs 638 us at V32 b=128: the producer is bound by
+    // integer issue slots, not by the conversion unit.)
+    if (d.dequant) {
+      dequant16(x.raw[i],
+                LAYOUT == TMLA_LAYOUT_V32 ? __uint_as_float(x.scale[i]) : ue8m0_to_float(x.scale[i]),
+                lo, hi);
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (nope_lane) {
-        uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-        if (valid[i]) {
-          lo = hi = raw[i];
-          // (An integer-op path for power-of-two scales, e4m3 bits re-biased into bf16 and one
-          // bf16 multiply, measured slower here: 735 vs 638 us at V32 b=128: the producer is
-          // bound by integer issue slots, not by the conversion unit.)
-          if (!(a.probe & 2)) {
-            dequant16(raw[i], LAYOUT == TMLA_LAYOUT_V32 ? __uint_as_float(scale[i]) : ue8m0_to_float(scale[i]),
-                      lo, hi);
-          }
-        }
-        const int t = 4 * (b8 + i) + wp;
-        uint8_t* d0 = ktile + sw128(t, 16 * lane);
-        uint8_t* d1 = ktile + sw128(t, 16 * lane + 8);
-        *reinterpret_cast<uint4*>(swap ? d1 : d0) = swap ? hi : lo;
-        *reinterpret_cast<uint4*>(swap ? d0 : d1) = swap ? lo : hi;
-        if (half >= 0) {
-          const uint32_t p0 = peer_tile + static_cast<uint32_t>(d0 - ktile);
-          const uint32_t p1 = peer_tile + static_cast<uint32_t>(d1 - ktile);
-          st_async_16(swap ? p1 : p0, swap ? hi : lo, peer_bar);
-          st_async_16(swap ? p0 : p1, swap ? lo : hi, peer_bar);
-        }
-      }
-    }
+    const int t = 8 * atom + i;
+    const int o0 = sw128(t, 16 * lane), o1 = sw128(t, 16 * lane + 8);
+    store_16(d, swap ? o1 : o0, swap ? hi : lo);
+    store_16(d, swap ? o0 : o1, swap ? lo : hi);
   }
 }
 
 // CROSS (the crossover): launched as clusters of two CTAs, head groups 2 j and 2 j + 1 of the
 // same query token and schedule part, hence the same tiles. Each producer gathers and
-// dequantizes the NoPE columns of half of every tile's rows (and all RoPE columns) and stores
-// them into its own K stage and, with st.async, into the peer's. A stage is ready when `full`
-// (this CTA's producer) and `remote` (one arrival with the peer's byte count, completed by
-// its st.async) have both completed; `empty` counts the consumer warps of both CTAs (each
-// arrives on both), since both producers write into both stages. (A first version made the peer
-// count on `full` with cluster-scope release / acquire: even with the producer idle the consumers
-// then ran 1.34x slower, V32 b=128 446 vs 333 us.)
+// dequantizes the NoPE columns of half of every tile's rows (and all RoPE columns) into its own
+// K stage, and bulk copies send that half on into the peer's. A stage is ready when `full`
+// (this CTA's producer) and `remote` (one arrival with the peer's byte count, completed by its
+// copy) have both completed; `empty` counts the consumer warps of both CTAs (each arrives on
+// both), since each CTA's stage feeds both. (The first versions made the peer count on `full`
+// with cluster-scope release / acquire: even with the producer idle the consumers then ran 1.34x
+// slower, V32 b=128 446 vs 333 us; then st.async stores lane by lane: see the producer loop.)
 //
 // Persistent over jobs: job j = (schedule part j / s_q, query token j % s_q); the grid's y
 // extent is at most what the GPU holds at once (the launcher), and CTA y walks jobs y, y +
@@ -446,10 +434,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     const int wp = wt >> 5;  // producer warp (which rows of a tile: see the fill functions)
     const int lane = wt & 31;
-    // the token whose index this lane holds (lanes 16.. repeat 0..15): V32 pairs rows
-    // (8 q + 2 wp, 8 q + 2 wp + 1), MODEL1 takes rows 4 i + wp (the two fill functions)
-    const int tok = LAYOUT == TMLA_LAYOUT_V32 ? 8 * ((lane & 15) >> 1) + 2 * wp + (lane & 1)
-                                              : 4 * (lane & 15) + wp;
+    // the tile row of the token whose index this lane holds (lanes 16.. repeat 0..15)
+    const int tok = token_row(lane & 15, wp, half);
+    // the NoPE batches: tokens 0..7 (atom 0 of the warp) first; 8..15 (atom 1) without crossover
+    const int atom0 = warp_atom(0, wp, half), atom1 = warp_atom(1, wp, half);
+    const bool no_loads = (a.probe & (1 | 16)) != 0;
     int it = 0;
 #pragma unroll 1
     for (int job = blockIdx.y; job < num_jobs; job += gridDim.y) {
@@ -470,31 +459,75 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
         // ahead 596 us.)
         int idx0 = load_index(row_m, row_e, e.r, 0, tok);
         int idx1 = load_index(row_m, row_e, e.r, 1, tok);
+        // Crossover: a CTA's share of each tile's NoPE loads (one batch) is issued one tile
+        // ahead, before its stage is free, so the gather's latency overlaps the wait for the
+        // consumers. Without the crossover a warp has two batches a tile; one more in flight
+        // does not fit the producer's registers (MODEL1 spilled), so both follow the wait.
+        auto gather_first = [&](const TokenRow& t) {
+          if constexpr (LAYOUT == TMLA_LAYOUT_V32) return gather_pairs<LAYOUT>(t.row, 0, lane, no_loads);
+          else return gather_single<LAYOUT>(t, 0, lane, no_loads);
+        };
+        TokenRow cur = resolve_token_row<LAYOUT>(a, e.r, 0, idx0, lane);
+        RawBatch batch;
+        if constexpr (CROSS) batch = gather_first(cur);
 #pragma unroll 1
         for (int k = 0; k < nt; ++k, ++it) {
           const int idx2 = load_index(row_m, row_e, e.r, k + 2, tok);
+          const TokenRow next = resolve_token_row<LAYOUT>(a, e.r, k + 1, idx1, lane);
+          RawBatch next_batch;
+          if constexpr (CROSS) next_batch = gather_first(next);  // (k + 1 = nt: index -1, no loads)
           const int st = it & 1;
           Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
           // crossover: this stage's `remote` phase ends once the peer's bytes have landed
           if (CROSS && wt == 0) {
             cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-                &remote[st], (a.probe & 16) ? 0u : P::kRemoteBytes);
+                &remote[st], (a.probe & (16 | 128)) ? 0u : P::kRemoteBytes);
           }
-          uint8_t* ktile = smem + P::kK + st * P::kTile;
-          const uint32_t peer_tile = CROSS ? peer_smem_u32(smem_u32(ktile), rank ^ 1) : 0;
-          const uint32_t peer_bar = CROSS ? peer_smem_u32(smem_u32(&remote[st]), rank ^ 1) : 0;
+          StageDst d;
+          d.ktile = smem + P::kK + st * P::kTile;
+          d.dequant = !(a.probe & 2);
+          d.local = !(a.probe & 256);
           if (!(a.probe & 16)) {
+            uint8_t* flags = sValid + st * 64;
+            if constexpr (!CROSS) batch = gather_first(cur);  // (16 loads a tile: no room ahead)
+            rope_tokens<LAYOUT>(cur.row, wp, half, lane, d.ktile, flags, no_loads);
             if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
-              fill_warp_tokens_pairs<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64, half,
-                                             peer_tile, peer_bar);
+              store_pairs<LAYOUT>(batch, atom0, lane, d);
+              if constexpr (!CROSS) {
+                store_pairs<LAYOUT>(gather_pairs<LAYOUT>(cur.row, 4, lane, no_loads), atom1, lane, d);
+              }
             } else {
-              fill_warp_tokens_single<LAYOUT>(a, e.r, k, idx0, wp, lane, ktile, sValid + st * 64, half,
-                                              peer_tile, peer_bar);
+              store_single<LAYOUT>(batch, atom0, lane, d);
+              if constexpr (!CROSS) {
+                store_single<LAYOUT>(gather_single<LAYOUT>(cur, 8, lane, no_loads), atom1, lane, d);
+              }
             }
           }
-          cp_async_wait_all();                         // this thread's RoPE copies landed
+          // The stage's phase also waits for this thread's RoPE copies (cp.async.mbarrier.arrive:
+          // a pending arrival that the copies' completion releases), so the producer goes on to
+          // the next tile instead of waiting out their latency.
+          cutlass::arch::cpasync_barrier_arrive(&full[st]);
           cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma's reads
+          if constexpr (CROSS) {
+            // the warp's atom of NoPE rows -> the peer's stage, one bulk copy (1 KB, contiguous)
+            // per 64-column block, as soon as the warp's lanes have stored (and fenced) theirs.
+            // (Each lane's own st.async stores of 16 bytes, 8 half-covered 128-byte rows a warp
+            // instruction, cost ~120 us at V32 b=128: 533 vs 416 us without them; one copy of the
+            // CTA's 32 rows per block after a producer-wide barrier: 460 us.)
+            __syncwarp();
+            if (lane == 0 && !(a.probe & (16 | 128))) {
+              const uint32_t src = smem_u32(d.ktile) + 1024 * atom0;
+              const uint32_t dst = peer_smem_u32(src, rank ^ 1);
+              const uint32_t bar = peer_smem_u32(smem_u32(&remote[st]), rank ^ 1);
+#pragma unroll
+              for (int c = 0; c < L::kDnope / 64; ++c) {
+                bulk_copy_to_peer(dst + 8192 * c, src + 8192 * c, 1024, bar);
+              }
+            }
+          }
           Barrier::arrive(&full[st]);
+          cur = next;
+          if constexpr (CROSS) batch = next_batch;
           idx0 = idx1;
           idx1 = idx2;
         }
