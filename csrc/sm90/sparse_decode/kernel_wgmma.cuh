@@ -86,13 +86,17 @@ struct Plan {
   static constexpr int kRedMax = kP + 64 * 64 * 2;    // f32 [2][64]
   static constexpr int kRedSum = kRedMax + 2 * 64 * 4;  // f32 [2][64]
   static constexpr int kValid = kRedSum + 2 * 64 * 4;   // u8 [stages][64]
-  // u64 full[stages], empty[stages], remote[stages]
+  // u64 full[stages], empty[stages], remote[stages], full_hi[stages], remote_hi[stages]
   static constexpr int kBar = kValid + kStages * 64;
-  static constexpr int kBytes = kBar + 3 * kStages * 8;
+  static constexpr int kBytes = kBar + 5 * kStages * 8;
   // crossover: the NoPE bytes the peer copies into a stage (32 rows: 4 warps x 1 KB a 64 columns)
   static constexpr uint32_t kRemoteBytes = 32 * Layout<LAYOUT>::kDnope * 2;
   static_assert(Layout<LAYOUT>::kDnope % 64 == 0 && kRemoteBytes == Layout<LAYOUT>::kDnope / 64 * 4096,
                 "the crossover copies whole 1 KB atoms of 64 columns");
+  // A stage fills in two halves, columns 0..255 (`full`, `remote`) and the rest (`full_hi`,
+  // `remote_hi`: NoPE 256.., RoPE), so S's first 16 k-blocks start before the rest is there.
+  static constexpr int kLoCols = 256;
+  static constexpr uint32_t kRemoteLo = 32 * kLoCols * 2, kRemoteHi = kRemoteBytes - kRemoteLo;
   static_assert(kTile % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
   static_assert(kBytes <= 227 * 1024, "shared memory plan exceeds the 227 KB of an SM90 CTA");
 };
@@ -279,8 +283,9 @@ __device__ __forceinline__ RawBatch gather_pairs(uint64_t row, int q0, int lane,
   return x;
 }
 
-// The batch of atom `atom` (pairs q = 0..3 of it: rows 8 atom + 2 q, 8 atom + 2 q + 1).
-template <int LAYOUT>
+// The batch of atom `atom` (pairs q = 0..3 of it: rows 8 atom + 2 q, 8 atom + 2 q + 1), chunk
+// group G (columns 256 G ..; -1: both).
+template <int LAYOUT, int G = -1>
 __device__ __forceinline__ void store_pairs(const RawBatch& x, int atom, int lane, const StageDst& d) {
   const int b = (lane >> 2) & 1;                // which row of the pair
   const int cl = (lane & 3) + 4 * (lane >> 3);  // chunk within the group of 16
@@ -291,6 +296,7 @@ __device__ __forceinline__ void store_pairs(const RawBatch& x, int atom, int lan
 #pragma unroll
   for (int u = 0; u < 8; ++u) {
     const int q = u >> 1, g = u & 1;
+    if (G >= 0 && g != G) continue;
     uint4 lo = x.raw[u], hi = x.raw[u];
     if (d.dequant) dequant16(x.raw[u], __uint_as_float(x.scale[u]), lo, hi);
     const int row_off = base + 256 * q + 32768 * g;
@@ -406,6 +412,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + P::kBar);
   uint64_t* empty = full + kStages;
   uint64_t* remote = empty + kStages;
+  uint64_t* full_hi = remote + kStages;
+  uint64_t* remote_hi = full_hi + kStages;
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;   // 0, 1: consumers; 2: producer
@@ -416,6 +424,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
       Barrier::init(&full[st], 128);
       Barrier::init(&empty[st], CROSS ? 2 * 8 : kConsumerThreads);
       Barrier::init(&remote[st], 1);
+      Barrier::init(&full_hi[st], 128);
+      Barrier::init(&remote_hi[st], 1);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -480,9 +490,25 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
           Barrier::wait(&empty[st], ((it >> 1) & 1) ^ 1);
           // crossover: this stage's `remote` phase ends once the peer's bytes have landed
           if (CROSS && wt == 0) {
-            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-                &remote[st], (a.probe & (16 | 128)) ? 0u : P::kRemoteBytes);
+            const bool none = (a.probe & (16 | 128)) != 0;
+            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&remote[st], none ? 0u : P::kRemoteLo);
+            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&remote_hi[st], none ? 0u : P::kRemoteHi);
           }
+          // crossover: the warp's atom of NoPE rows -> the peer's stage, one bulk copy (1 KB,
+          // contiguous) per 64-column block c0 .. c1 - 1, once the warp's lanes have stored (and
+          // fenced) theirs. (Each lane's own st.async stores of 16 bytes, 8 half-covered
+          // 128-byte rows a warp instruction, cost ~120 us at V32 b=128: 533 vs 416 us without
+          // them; one copy of the CTA's 32 rows per block after a producer-wide barrier: 460 us.)
+          auto copy_to_peer = [&](uint8_t* ktile, uint64_t* bar_local, int c0, int c1) {
+            __syncwarp();
+            if (lane == 0 && !(a.probe & (16 | 128))) {
+              const uint32_t src = smem_u32(ktile) + 1024 * atom0;
+              const uint32_t dst = peer_smem_u32(src, rank ^ 1);
+              const uint32_t bar = peer_smem_u32(smem_u32(bar_local), rank ^ 1);
+              for (int c = c0; c < c1; ++c) bulk_copy_to_peer(dst + 8192 * c, src + 8192 * c, 1024, bar);
+            }
+          };
+          constexpr int kLoBlocks = P::kLoCols / 64, kBlocks = L::kDnope / 64;
           StageDst d;
           d.ktile = smem + P::kK + st * P::kTile;
           d.dequant = !(a.probe & 2);
@@ -491,11 +517,16 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
             uint8_t* flags = sValid + st * 64;
             if constexpr (!CROSS) batch = gather_first(cur);  // (16 loads a tile: no room ahead)
             rope_tokens<LAYOUT>(cur.row, wp, half, lane, d.ktile, flags, no_loads);
-            if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
+            if constexpr (LAYOUT == TMLA_LAYOUT_V32 && CROSS) {
+              // columns 0..255 first: that half of the stage is released before the rest is made
+              store_pairs<LAYOUT, 0>(batch, atom0, lane, d);
+              cutlass::arch::fence_view_async_shared();
+              copy_to_peer(d.ktile, &remote[st], 0, kLoBlocks);
+              Barrier::arrive(&full[st]);
+              store_pairs<LAYOUT, 1>(batch, atom0, lane, d);
+            } else if constexpr (LAYOUT == TMLA_LAYOUT_V32) {
               store_pairs<LAYOUT>(batch, atom0, lane, d);
-              if constexpr (!CROSS) {
-                store_pairs<LAYOUT>(gather_pairs<LAYOUT>(cur.row, 4, lane, no_loads), atom1, lane, d);
-              }
+              store_pairs<LAYOUT>(gather_pairs<LAYOUT>(cur.row, 4, lane, no_loads), atom1, lane, d);
             } else {
               store_single<LAYOUT>(batch, atom0, lane, d);
               if constexpr (!CROSS) {
@@ -506,26 +537,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
           // The stage's phase also waits for this thread's RoPE copies (cp.async.mbarrier.arrive:
           // a pending arrival that the copies' completion releases), so the producer goes on to
           // the next tile instead of waiting out their latency.
-          cutlass::arch::cpasync_barrier_arrive(&full[st]);
+          cutlass::arch::cpasync_barrier_arrive(&full_hi[st]);
           cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> wgmma's reads
+          const bool split = LAYOUT == TMLA_LAYOUT_V32 && CROSS && !(a.probe & 16);
           if constexpr (CROSS) {
-            // the warp's atom of NoPE rows -> the peer's stage, one bulk copy (1 KB, contiguous)
-            // per 64-column block, as soon as the warp's lanes have stored (and fenced) theirs.
-            // (Each lane's own st.async stores of 16 bytes, 8 half-covered 128-byte rows a warp
-            // instruction, cost ~120 us at V32 b=128: 533 vs 416 us without them; one copy of the
-            // CTA's 32 rows per block after a producer-wide barrier: 460 us.)
-            __syncwarp();
-            if (lane == 0 && !(a.probe & (16 | 128))) {
-              const uint32_t src = smem_u32(d.ktile) + 1024 * atom0;
-              const uint32_t dst = peer_smem_u32(src, rank ^ 1);
-              const uint32_t bar = peer_smem_u32(smem_u32(&remote[st]), rank ^ 1);
-#pragma unroll
-              for (int c = 0; c < L::kDnope / 64; ++c) {
-                bulk_copy_to_peer(dst + 8192 * c, src + 8192 * c, 1024, bar);
-              }
-            }
+            if (!split) copy_to_peer(d.ktile, &remote[st], 0, kLoBlocks);
+            copy_to_peer(d.ktile, &remote_hi[st], kLoBlocks, kBlocks);
           }
-          Barrier::arrive(&full[st]);
+          if (!split) Barrier::arrive(&full[st]);
+          Barrier::arrive(&full_hi[st]);
           cur = next;
           if constexpr (CROSS) batch = next_batch;
           idx0 = idx1;
@@ -606,8 +626,13 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
         warpgroup_fence_operand(tSrS);
         warpgroup_arrive();
         mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+        constexpr int kLoK = P::kLoCols / 16;  // k-blocks of the stage's first half
         CUTE_UNROLL
         for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+          if (kb == kLoK) {  // the rest of the stage (RoPE included)
+            Barrier::wait(&full_hi[st], (it >> 1) & 1);
+            if constexpr (CROSS) Barrier::wait(&remote_hi[st], (it >> 1) & 1);
+          }
           cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
           mma_qk.accumulate_ = GMMA::ScaleOut::One;
         }
