@@ -6,12 +6,19 @@
 * the direct relaunch of a compiled Triton kernel (torch_mla.triton._common.launch) reuses a
   compiled kernel only for an identical launch signature, hands Triton's runner every argument
   in parameter order with a 3-D grid, and falls back to kernel[grid] for good if that fails;
+* a Triton launch site of a prepared call (_common.LaunchSite) hands back the signature that
+  ``_signature`` computes, call after call;
+* once a plan exists, an eager call does only its per-call work: no contract check, no backend
+  choice, no torch.ops dispatch, 3 (native) or 4 (Triton) allocations, one C call or two
+  launches (counted with sys.setprofile: robust, unlike a wall-clock threshold);
 * tools/host_overhead.py's CUDA simulation runs the Triton host code and records its two launches
-  with the arguments the kernels expect, and leaves nothing patched behind.
+  with the arguments the kernels expect, runs the native host code down to the C call whose
+  parameter struct points at the right tensors, and leaves nothing patched behind.
 """
 
 import importlib.util
 import os
+import sys
 import warnings
 
 import pytest
@@ -375,29 +382,140 @@ def test_tool_simulation_records_the_launches_and_restores_everything():
     assert after == before
 
 
-def test_tool_bypass_guard_accepts_plain_calls_only():
-    """The guard the tool times (to show an eager bypass of torch.ops would not pay) must be the
-    one that would be needed: true on a plain call, false whenever anything could see the op."""
-    tool = _tool()
-    args = list(_valid_cases()["v32_sched"])
-    assert tool._bypass_guard(args)
-    assert not tool._bypass_guard(_with(args, q=args[0].clone().requires_grad_()))
-    assert not tool._bypass_guard(_with(args, indices=args[2].to_sparse()))
-    assert not tool._bypass_guard(_with(args, q=args[0].to("meta")))
-    assert not tool._bypass_guard(_with(args, q=torch._neg_view(args[0].float())))
-    with torch.inference_mode():
-        assert tool._bypass_guard(_with(args, q=args[0].clone()))
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_tool_native_simulation_packs_the_call():
+    """The native host code, run on CPU tensors down to the C call: one call, whose parameter
+    struct (csrc/include/torch_mla_native.h) holds this call's sizes, strides and pointers."""
+    from torch_mla.native import _lib
+    from torch_mla.native import sparse_decode as nsd
 
-    with FakeTensorMode():
-        assert not tool._bypass_guard(args)
-    assert not torch.vmap(lambda q: torch.tensor(float(tool._bypass_guard(_with(args, q=q)))))(
-        args[0].unsqueeze(0)).item()
-    with torch.autograd.profiler.profile():
-        assert not tool._bypass_guard(args)
+    tool = _tool()
+    before = (_lib._lib, _lib._tried, nsd._current_stream, nsd._current_device)
+    b, s_q, h_q, topk = 3, 2, 64, 64
+    q, cache, idx, sched, scale = tool.make_inputs(b=b, s_q=s_q, h_q=h_q, topk=topk, num_parts=5)
+    rec, lib = tool.LaunchRecorder(), tool.NativeStandIn()
+    with tool.simulate_cuda(rec, native=lib):
+        with torch_mla.use_backend("native"), lib.record() as calls:
+            for _ in range(2):  # the op path (plan made), then the plan
+                out, lse = torch_mla.sparse_decode(q, cache, idx, d_v=320, sm_scale=scale,
+                                                   schedule=sched)
+                params, stream = calls.pop()
+                f = nsd._FMT.unpack(params)
+                assert f[:10] == (_lib.ABI_VERSION, nsd._STRUCT_BYTES, b, s_q, h_q, 576, 320,
+                                  topk, 0, scale)
+                assert f[10:14] == (q.data_ptr(), *q.stride()[:3])
+                assert f[14:18] == (cache.data_ptr(), cache.shape[0], cache.shape[1],
+                                    cache.stride(0))
+                assert f[18:21] == (idx.data_ptr(), *idx.stride()[:2])
+                assert f[31:34] == (sched.metadata.data_ptr(), sched.num_splits.data_ptr(),
+                                    sched.metadata.shape[0])
+                assert f[34:36] == (out.data_ptr(), lse.data_ptr())
+                assert f[37] == nsd.workspace_bytes(b, s_q, h_q, 5, True) and stream == 0
+                assert out.shape == (b, s_q, h_q, 320) and lse.shape == (b, h_q, s_q)
+        assert not rec.calls and not calls
+    assert (_lib._lib, _lib._tried, nsd._current_stream, nsd._current_device) == before
+
+
+def _calls_during(fn):
+    """(Python functions entered, C functions called) while fn() runs, from sys.setprofile."""
+    py, c = [], []
+
+    def prof(frame, event, arg):
+        if event == "call":
+            py.append(frame.f_code)
+        elif event == "c_call":
+            c.append(arg)
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return py, c
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_a_planned_call_does_only_its_per_call_work(backend):
+    """After the first call with a key, the eager call runs no contract check, no backend choice,
+    no dispatcher, no per-shape arithmetic: torch_mla's Python frames are the public function,
+    the fast path and the prepared call (plus Triton's tuning-knob read); it allocates only
+    the outputs and the workspace and makes one C call or two launches."""
+    from torch_mla import _dispatch
+
+    tool = _tool()
+    q, cache, idx, sched, scale = tool.make_inputs(b=2, s_q=1, h_q=64, topk=128, num_parts=132)
+    rec, lib = tool.LaunchRecorder(), tool.NativeStandIn()
+    def call():
+        return torch_mla.sparse_decode(q, cache, idx, sm_scale=scale, schedule=sched)
+    with tool.simulate_cuda(rec, native=lib if backend == "native" else None):
+        with torch_mla.use_backend(backend), lib.record() as lib_calls:
+            first, _ = _calls_during(call)
+            rec.keep = True
+            py, c = _calls_during(call)
+            rec.keep = False
+            # through torch.ops (compiled code calls the op): the plan too, behind the dispatcher
+            op_args = (q, cache, idx, None, None, None, None, None, 512, scale, *sched)
+            via_op, _ = _calls_during(lambda: torch.ops.mla.sparse_decode(*op_args))
+            _dispatch.invalidate()
+            again, _ = _calls_during(call)
+    ours = [f"{os.path.basename(code.co_filename)}:{code.co_name}" for code in py
+            if os.sep + "torch_mla" + os.sep in code.co_filename]
+    expected = ["api.py:sparse_decode", "_eager.py:sparse_decode", "_eager.py:run",
+                "_eager.py:_meta", "_eager.py:_meta",  # (_meta: the schedule's 2 tensors)
+                "sparse_decode.py:run"]
+    if backend == "triton":
+        expected.append("sparse_decode.py:_config")
+    assert ours == expected, ours
+    assert not any(code.co_filename.endswith(os.path.join("torch", "_ops.py")) for code in py)
+    assert sum(f is torch.empty for f in c) == (3 if backend == "native" else 4)
+    if backend == "native":
+        assert len(lib_calls) == 4 and not rec.calls  # (the four calls above)
+    else:
+        assert len(rec.calls) == 2 and not lib_calls
+    assert not {"check_sparse_decode", "select", "prepare"} & {c.co_name for c in via_op}
+    assert "run" in {c.co_name for c in via_op}
+    # the first call with a key (and the first after an invalidation) does the whole op
+    names = {code.co_name for code in first}
+    assert {"check_sparse_decode", "select", "prepare"} <= names
+    assert {"check_sparse_decode", "select", "prepare"} <= {code.co_name for code in again}
+
+
+def test_launch_site_signature_is_the_launch_signature(monkeypatch):
+    """Through many calls of prepared Triton calls (other scales, schedules, tuning knobs), the
+    signature a LaunchSite hands back is the one _signature computes."""
+    tool = _tool()
+    checked = []
+
+    def checking_launch(kernel, grid, *args, **kwargs):
+        if isinstance(kernel, _common.LaunchSite):
+            got = kernel.signature(args, kwargs)
+            assert got == _common._signature(kernel.kernel, args, kwargs)
+            checked.append(got is not None)
+
+    q, cache, idx, sched, scale = tool.make_inputs(b=2, s_q=1, h_q=64, topk=64, num_parts=6)
+    rec = tool.LaunchRecorder()
+    monkeypatch.setattr(_common, "cuda_index", lambda t: 0)  # CPU tensors count as device 0
+    with tool.simulate_cuda(rec), torch_mla.use_backend("triton"):
+        TSD._launch = checking_launch  # (in place of the recorder; simulate_cuda restores it)
+        for i in range(12):
+            if i == 4:
+                monkeypatch.setitem(TSD._TUNE, "num_stages", 3)  # a keyword changes
+            if i == 8:
+                monkeypatch.setitem(TSD._TUNE, "block_n", 32)  # another keyword
+            torch_mla.sparse_decode(q, cache, idx, sm_scale=scale * (1 + i),
+                                    schedule=sched if i % 3 else None)
+    assert len(checked) == 24 and all(checked)
+    # and a site compares what it must (on the GPU, an int argument may change within a plan:
+    # the part count of a schedule made per call follows _TUNE["ctas_per_sm"]): another int,
+    # another keyword -> another signature
+    site = _common.LaunchSite(TSD._combine_kernel)
+    x = torch.zeros(8)
+    sigs = [site.signature((x, 5, x, 0.5), {"A": 1}) for _ in range(3)]
+    assert sigs[0] == sigs[2]
+    assert site.signature((x, 16, x, 0.5), {"A": 1}) != sigs[0]
+    assert site.signature((x, 5, x, 0.25), {"A": 2}) != sigs[0]
+    assert site.signature((x, 5, x, 0.25), {"A": 1}) == sigs[0]
 
 
 def test_tool_runs():
     tool = _tool()
     assert tool.main(["--b", "2", "--s-q", "1", "--h-q", "16", "--topk", "64", "--num-parts",
-                      "4", "--calls", "20", "--no-launch-estimate"]) == 0
+                      "4", "--calls", "20", "--no-launch-estimate", "--backend", "both"]) == 0

@@ -1,33 +1,42 @@
-"""Host overhead of one eager ``torch_mla.sparse_decode`` call on the Triton backend, without a GPU.
+"""Host overhead of one eager ``torch_mla.sparse_decode`` call, without a GPU, on the Triton or
+the native backend.
 
-What runs: the whole public eager call path (``torch_mla.sparse_decode`` -> fast path or
-``torch.ops.mla.sparse_decode`` -> contract checks -> backend choice -> the Triton host code:
-output and workspace allocation, schedule handling, launch arguments) on CPU tensors of the
-production shape, with two things simulated so that the CUDA code path is the one taken:
+What runs: the whole public eager call path on CPU tensors of the production shape: the eager
+fast path (``torch_mla._eager``: guard, metadata key, cached plan) or, on its first call with a
+key and whenever it does not apply, ``torch.ops.mla.sparse_decode`` -> contract checks ->
+backend choice -> the backend's host code (output and workspace allocation, schedule handling,
+launch arguments / the native parameter struct). Simulated, so that the CUDA code path is the one
+taken:
 
 * the device predicates say "CUDA": the dispatcher's candidate order for CPU tensors is the CUDA
   order (native -> triton -> reference); the Triton backend's predicates (``device_reasons`` and
   the GPU-verified gate) see the first tensor as a CUDA one (``_common.first_tensor`` returns a
-  stand-in with ``is_cuda`` and a cuda device), and the native backend's device check passes (it
-  then declines as on an H100, its sparse_decode not being GPU-verified);
+  stand-in with ``is_cuda`` and a cuda device), and the native backend's device check passes;
 * every Triton launch (``torch_mla.triton.sparse_decode._launch``, the one seam all of its
-  ``kernel[grid](...)`` calls go through) is replaced by a stub that records ``(kernel, grid,
-  args, kwargs)`` and launches nothing.
+  launches go through) is replaced by a stub that records ``(kernel, grid, args, kwargs)`` and
+  launches nothing;
+* ``--backend native``: the native library is a stand-in (``NativeStandIn``) whose
+  ``sparse_decode`` is a real C function typed like ``tmla_sparse_decode`` that returns 0 at
+  once, so the ctypes call (argument conversion, GIL release) is timed and the kernels are not;
+  the current CUDA stream / device queries answer 0 (``native.sparse_decode._current_stream``,
+  ``_current_device``; in older trees ``torch.cuda.current_stream``).
 
-The CUDA device guard and Triton's own launch path (argument binding and specialization, the
-kernel-cache key, the C launcher, cuLaunchKernelEx) are not run here; ``--launch-estimate``
-times the Python part of Triton's launch (its generated binder, with the CUDA backend's
-specialization rules, and the cache-key computation) on the recorded arguments, which is the
-larger part of a Triton launch's host cost.
+Not run here: the CUDA device guard, the CUDA caching allocator (CPU malloc instead), the C side
+of a launch (Triton's C launcher, the native library's cudaLaunchKernelEx calls) and Triton's
+runner's driver queries. ``--launch-estimate`` (on by default, Triton) times the Python part of
+Triton's launch path on the recorded arguments.
 
 Usage::
 
-    python tools/host_overhead.py                     # b=64 s_q=2 h_q=128 topk=2048, V32
-    python tools/host_overhead.py --b 1 --profile     # + cProfile of the whole call
-    python tools/host_overhead.py --auto              # unforced dispatch (triton marked verified)
+    python tools/host_overhead.py                          # b=64 s_q=2 h_q=128 topk=2048, V32
+    python tools/host_overhead.py --backend native
+    python tools/host_overhead.py --bench-shape --backend both   # the bench's host-overhead row
+    python tools/host_overhead.py --b 1 --profile          # + cProfile of the whole call
+    python tools/host_overhead.py --auto                   # unforced dispatch
 
 Numbers are host-clock medians on this machine's CPU; the GPU host (H100 box) differs, so
-compare stages with each other and before/after on the same machine.
+compare stages with each other and before/after on the same machine. The tool also runs on an
+older tree (``PYTHONPATH=<tree>``): what that tree lacks is skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import ctypes
 import io
 import os
 import pstats
@@ -71,15 +81,63 @@ class LaunchRecorder:
 
     def __call__(self, kernel, grid, *args, **kwargs):
         if self.keep:
-            self.calls.append((kernel, grid, args, kwargs))
+            self.calls.append((kernel_of(kernel), grid, args, kwargs))
         return None
 
 
+def kernel_of(kernel):
+    """The Triton kernel of a launch (launch sites wrap it: torch_mla.triton._common)."""
+    from torch_mla.triton import _common
+
+    site = getattr(_common, "LaunchSite", None)
+    return kernel.kernel if site is not None and isinstance(kernel, site) else kernel
+
+
+def _c_stub():
+    """A C function that returns 0 at once, typed as tmla_sparse_decode (const char *params,
+    void *stream, char *err, int64 err_len) -> int: libc's fegetround (FE_TONEAREST, 0, under
+    the default rounding mode; the extra arguments are ignored by the callee). None if this libc
+    has none."""
+    try:
+        fn = ctypes.CDLL(None).fegetround
+    except (AttributeError, OSError):  # pragma: no cover - not glibc
+        return None
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn if fn(b"", None, None, 0) == 0 else None
+
+
+class NativeStandIn:
+    """The native library as the backend sees it (``_lib.get()``) on a machine without one:
+    ``sparse_decode`` is a C stub (``_c_stub``: ctypes converts the arguments as for the real
+    call, nothing is launched), or, inside ``record()``, a Python function that keeps each
+    call's (params bytes, stream) and returns 0."""
+
+    path = "<host_overhead stand-in>"
+    build_info = "stand-in"
+
+    def __init__(self):
+        self.c_stub = _c_stub()
+        self.sparse_decode = self.c_stub or (lambda params, stream, err, err_len: 0)
+        self.calls: List[tuple] = []
+
+    @contextlib.contextmanager
+    def record(self):
+        keep = self.sparse_decode
+        self.sparse_decode = lambda params, stream, err, n: self.calls.append((params, stream)) or 0
+        try:
+            yield self.calls
+        finally:
+            self.sparse_decode = keep
+
+
 @contextlib.contextmanager
-def simulate_cuda(recorder: LaunchRecorder, verified: bool = False):
-    """Make CPU tensors take the CUDA path of the dispatcher and the Triton backend, with Triton
+def simulate_cuda(recorder: LaunchRecorder, verified: bool = False, native=None):
+    """Make CPU tensors take the CUDA path of the dispatcher and the backends, with Triton
     launches recorded by ``recorder`` instead of run. ``verified``: treat the Triton
-    sparse_decode kernel as GPU-verified (so that an unforced call chooses it)."""
+    sparse_decode kernel as GPU-verified (so that an unforced call may choose it). ``native``: a
+    NativeStandIn to serve as the loaded native library, False for "it failed to load" (the
+    native backend declines), None to leave its state as it is."""
     import torch_mla.native as nat
     import torch_mla.triton as tri
     from torch_mla.triton import _common
@@ -112,6 +170,17 @@ def simulate_cuda(recorder: LaunchRecorder, verified: bool = False):
 
         patch(tsd, "_sparse_decode_kernel", _Stub(tsd._sparse_decode_kernel))
         patch(tsd, "_combine_kernel", _Stub(tsd._combine_kernel))
+    if native is not None:
+        from torch_mla.native import _lib
+        from torch_mla.native import sparse_decode as nsd
+
+        patch(_lib, "_lib", native or None)
+        patch(_lib, "_tried", True)
+        if native and hasattr(nsd, "_current_stream"):
+            patch(nsd, "_current_stream", lambda index: 0)
+            patch(nsd, "_current_device", lambda: 0)  # asked for CUDA tensors only
+        elif native:  # older trees: torch.cuda.current_stream(dev).cuda_stream
+            patch(torch.cuda, "current_stream", lambda device=None: _STREAM)
     if hasattr(_dispatch, "clear_cache"):
         _dispatch.clear_cache()
     try:
@@ -128,6 +197,11 @@ def simulate_cuda(recorder: LaunchRecorder, verified: bool = False):
             _dispatch.clear_cache()
 
 
+class _Stream:
+    cuda_stream = 0
+
+
+_STREAM = _Stream()
 _MISSING = object()
 
 
@@ -190,17 +264,33 @@ def _op_args(q, cache, idx, sched, scale):
     return _sparse_decode_args(q, cache, idx, d_v=512, sm_scale=scale, schedule=sched)
 
 
-def stages(q, cache, idx, sched, scale, forced: bool, calls: int) -> Dict[str, float]:
+def _allocations(backend: str, q, sched):
+    """The per-call allocations of ``backend``'s host code, as it makes them."""
+    from torch_mla.native.sparse_decode import workspace_bytes
+
+    b, s_q, h_q, _ = q.shape
+    n_ws = b + sched.metadata.shape[0]
+    dt, f32 = q.dtype, torch.float32
+    if backend == "native":
+        n = workspace_bytes(b, s_q, h_q, sched.metadata.shape[0], True)
+        return [lambda: torch.empty(b, s_q, h_q, 512, dtype=dt),
+                lambda: torch.empty(b, h_q, s_q, dtype=f32),
+                lambda: torch.empty(n, dtype=torch.uint8)]
+    return [lambda: torch.empty(b, s_q, h_q, 512, dtype=dt),
+            lambda: torch.empty(b, h_q, s_q, dtype=f32),
+            lambda: torch.empty(n_ws, s_q, h_q, 512, dtype=f32),
+            lambda: torch.empty(n_ws, s_q, h_q, dtype=f32)]
+
+
+def stages(q, cache, idx, sched, scale, backend: str, forced: bool, calls: int
+           ) -> Dict[str, float]:
     """Median us of the whole call and of each stage run alone (stages overlap: they are
     isolated measurements, not a partition)."""
     from torch_mla import meta
-    from torch_mla.triton import sparse_decode as tsd
 
-    ctx = (lambda: torch_mla.use_backend("triton")) if forced else contextlib.nullcontext
+    ctx = (lambda: torch_mla.use_backend(backend)) if forced else contextlib.nullcontext
     args = _op_args(q, cache, idx, sched, scale)
-    impl = _dispatch._BACKENDS["triton"].impls[OP]
     check = meta.CHECKS[OP]
-    entry = _dispatch._entry(OP)
     res: Dict[str, float] = {}
 
     def public():
@@ -211,52 +301,70 @@ def stages(q, cache, idx, sched, scale, forced: bool, calls: int) -> Dict[str, f
         with ctx():
             return torch.ops.mla.sparse_decode(*args)
 
-    def entry_path():
-        with ctx():
-            return entry(*args)
-
     def select():
         with ctx():
             return _dispatch.select(OP, args)
 
-    def backend_impl():
-        return impl(*args)
-
-    b, s_q, h_q, _ = q.shape
-    n_ws = b + sched.metadata.shape[0]
-
-    def alloc():
-        torch.empty((b, s_q, h_q, 512), dtype=q.dtype)
-        torch.empty((b, h_q, s_q), dtype=torch.float32)
-        torch.empty((n_ws, s_q, h_q, 512), dtype=torch.float32)
-        torch.empty((n_ws, s_q, h_q), dtype=torch.float32)
-
-    def ws_alloc():
-        torch.empty((n_ws, s_q, h_q, 512), dtype=torch.float32)
-
-    probe = _dispatch_probe()
+    with ctx():
+        chosen = _dispatch.select(OP, args)
     res["public call torch_mla.sparse_decode (total)"] = median_us(public, calls)
-    res["  torch.ops.mla.sparse_decode(*op_args)"] = median_us(op_path, calls)
-    res["  entry: checks + backend choice + impl"] = median_us(entry_path, calls)
+    eager = getattr(torch_mla, "_eager", None)
+    if eager is not None:
+        before = set(eager._PLANS)
+        public()
+        new = [k for k in eager._PLANS if k not in before] or list(eager._PLANS)
+        key = new[-1]
+        plan = eager._PLANS[key]
+        sd_args = (q, cache, idx, None, None, None, None, None, 512, scale, sched)
+
+        def guard_key_lookup():
+            with ctx():
+                return eager.sparse_decode(*sd_args)
+
+        res["  fast path: guard (plain())"] = median_us(eager.plain, calls)
+        eager._PLANS[key] = lambda *a: None
+        getattr(eager, "_LAST", {}).clear()  # (the last call's plan, kept apart)
+        try:
+            res["  fast path: guard + metadata key + plan lookup"] = median_us(guard_key_lookup,
+                                                                           calls)
+        finally:
+            eager._PLANS[key] = plan
+            getattr(eager, "_LAST", {}).clear()
+        res[f"  the plan: {chosen.name}'s prepared call (launches stubbed)"] = median_us(
+            lambda: plan(*args), calls)
+    else:
+        impl = chosen.impls[OP]
+        res[f"  {chosen.name} host impl (launches stubbed)"] = median_us(lambda: impl(*args),
+                                                                         calls)
+    allocs = _allocations(chosen.name, q, sched)
+    res[f"    {len(allocs)} x torch.empty (out, lse, workspace)"] = median_us(
+        lambda: [a() for a in allocs], calls)
+    if hasattr(_dispatch, "PLANNED"):
+        res["  torch.ops.mla.sparse_decode (compiled code's call: dispatcher, then the plan)"] = \
+            median_us(op_path, calls)
+
+        def first_call():
+            _dispatch.invalidate()
+            return public()
+        res["  first call with a key (plans dropped before each): the whole op"] = median_us(
+            first_call, calls)
+    else:
+        res["  torch.ops.mla.sparse_decode(*op_args)"] = median_us(op_path, calls)
     res["    contract checks (meta)"] = median_us(lambda: check(*args), calls)
     res["    backend choice (select)"] = median_us(select, calls)
-    res["    triton host impl (launches stubbed)"] = median_us(backend_impl, calls)
-    res["      4 x torch.empty (out, lse, workspace)"] = median_us(alloc, calls)
-    res[f"        of which the {n_ws * s_q * h_q * 512 * 4 >> 20} MiB workspace (CPU malloc; the "
-        "CUDA caching allocator: ~like the others)"] = median_us(ws_alloc, calls)
-    res["  torch.ops dispatch alone (no-op Python kernel, same schema)"] = median_us(
+    prepare = getattr(chosen, "prepares", {}).get(OP)
+    if prepare is not None:
+        res[f"    {chosen.name} prepare (per-shape host work)"] = median_us(
+            lambda: prepare(*args), calls)
+    probe = _dispatch_probe()
+    res["    torch.ops dispatch alone (no-op Python kernel, same schema)"] = median_us(
         lambda: probe(*args), calls)
-    res["  a sound eager bypass guard (see _bypass_guard; not used)"] = median_us(
-        lambda: _bypass_guard(args), calls)
-    res["  public -> op args (_sparse_decode_args)"] = median_us(
-        lambda: _op_args(q, cache, idx, sched, scale), calls)
     if forced:
         def ctx_only():
             with ctx():
                 pass
-        res["  use_backend('triton') context"] = median_us(ctx_only, calls)
+        res[f"  use_backend('{backend}') context"] = median_us(ctx_only, calls)
     res["  (python loop + call floor)"] = median_us(lambda: None, calls)
-    del tsd
     return res
 
 
@@ -279,36 +387,9 @@ def _dispatch_probe():
     return _PROBE[1]
 
 
-_PLAIN = 0
-for _k in ("CPU", "CUDA", "ADInplaceOrView", "AutogradCPU", "AutogradCUDA", "AutocastCPU",
-           "AutocastCUDA"):  # the keys of a plain CPU/CUDA tensor (their bits overlap: or them)
-    _PLAIN |= torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _k)).raw_repr()
-_NOT_PLAIN = ~_PLAIN
-
-
-def _bypass_guard(args) -> bool:
-    """What calling the op's CPU/CUDA kernel (torch_mla._dispatch.ENTRIES) directly instead of
-    torch.ops.mla.sparse_decode would have to establish first, to behave identically: nothing
-    that could see or change the op is active (compile/export/jit tracing, a dispatch or
-    __torch_function__ mode or subclass, functorch, forward AD, the profiler) and every tensor
-    is one that reaches the kernel unchanged (no gradient, no dispatch key beyond CPU/CUDA,
-    autograd and autocast: not sparse, meta, neg/conj, zero, nested or a Python subclass).
-    Measured here to show it costs about what it would save (the dispatch alone, above)."""
-    if (torch.compiler.is_compiling() or torch._C._has_torch_function(args)
-            or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()
-            or torch._C._get_tracing_state() is not None or torch.autograd._profiler_enabled()
-            or torch.autograd.forward_ad._current_level >= 0):
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor) and (
-                a.requires_grad or torch._C._dispatch_keys(a).raw_repr() & _NOT_PLAIN):
-            return False
-    return True
-
-
-def profile(q, cache, idx, sched, scale, forced: bool, calls: int, top: int = 30) -> str:
-    ctx = (lambda: torch_mla.use_backend("triton")) if forced else contextlib.nullcontext
+def profile(q, cache, idx, sched, scale, backend: str, forced: bool, calls: int,
+            top: int = 30) -> str:
+    ctx = (lambda: torch_mla.use_backend(backend)) if forced else contextlib.nullcontext
 
     def public():
         with ctx():
@@ -379,8 +460,15 @@ def launch_estimate(records, calls: int) -> List[str]:
             direct_us = f"failed ({type(exc).__name__}: {exc})"
         lines.append(f"  {name:<22} grid={tuple(grid)!s:<9} {n_args:>2} args:")
         lines.append(f"      kernel[grid](...): binder + cache key {bind_us}, whole run() {run_us}")
+        try:
+            site_us = _direct_with_stand_ins(fn, grid, args, kwargs, target, calls, site=True)
+            site_us = f"{site_us:6.1f} us"
+        except Exception as exc:  # pragma: no cover - depends on the Triton / torch_mla version
+            site_us = f"unavailable ({type(exc).__name__}: {exc})"
         lines.append(f"      torch_mla direct relaunch (_common.launch, signature seen): "
                      f"{direct_us}")
+        lines.append(f"      the same through a LaunchSite (a plan's launch, signature kept): "
+                     f"{site_us}")
     return lines
 
 
@@ -403,7 +491,8 @@ def _c_launcher_stand_in(*a):
     not timed, the same in both paths."""
 
 
-def _direct_with_stand_ins(fn, grid, args, kwargs, target, calls: int) -> float:
+def _direct_with_stand_ins(fn, grid, args, kwargs, target, calls: int, site: bool = False
+                           ) -> float:
     """Host time of torch_mla's direct relaunch: the launch signature, the lookup, and Triton's
     own CompiledKernel[grid](...) runner (stream query, launch metadata, hooks), with a stand-in
     driver and a stand-in C launcher."""
@@ -433,6 +522,9 @@ def _direct_with_stand_ins(fn, grid, args, kwargs, target, calls: int) -> float:
     try:
         _common.launch(kernel, grid, *args, **kwargs)  # the first call stores the signature
         assert _common._signature(kernel, args, kwargs) in _common._compiled
+        if site:  # what a plan launches through (its second call keeps the signature)
+            kernel = _common.LaunchSite(kernel)
+            _common.launch(kernel, grid, *args, **kwargs)
         us = median_us(lambda: _common.launch(kernel, grid, *args, **kwargs), calls)
         if not _common.DIRECT_LAUNCH:
             raise RuntimeError("the direct launch failed and switched itself off")
@@ -484,46 +576,63 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--layout", default="v32", choices=sorted(LAYOUTS))
     p.add_argument("--num-parts", type=int, default=132, help="schedule parts (H100: 132 SMs)")
+    p.add_argument("--bench-shape", action="store_true",
+                   help="the bench's host-overhead row: V32 b=2 s_q=1 h_q=64 topk=128, the "
+                   "schedule decode_schedule makes for it on an H100 (132 SMs / 1 head block)")
+    p.add_argument("--backend", default="triton", choices=("triton", "native", "both"))
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--auto", action="store_true",
-                   help="unforced dispatch, the Triton kernel marked GPU-verified (default: "
-                   "use_backend('triton'), as the bench runs it)")
+                   help="unforced dispatch (default: use_backend(<backend>), as the bench runs "
+                   "it); the Triton kernel is marked GPU-verified, and with --backend triton "
+                   "the native library is left unloaded (declines), so that Triton is chosen")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of the call")
     p.add_argument("--no-launch-estimate", action="store_true")
     a = p.parse_args(argv)
+    if a.bench_shape:
+        a.layout, a.b, a.s_q, a.h_q, a.topk, a.num_parts = "v32", 2, 1, 64, 128, 132
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _main(a)
+        for backend in (("triton", "native") if a.backend == "both" else (a.backend,)):
+            _main(a, backend)
+        return 0
     finally:
         torch.set_num_threads(threads)
 
 
-def _main(a) -> int:
+def _main(a, backend: str) -> int:
     q, cache, idx, sched, scale = make_inputs(a.b, a.s_q, a.h_q, a.topk, a.layout,
                                               num_parts=a.num_parts)
     forced = not a.auto
     rec = LaunchRecorder()
-    with simulate_cuda(rec, verified=a.auto):
-        with torch_mla.use_backend("triton") if forced else contextlib.nullcontext():
+    lib = NativeStandIn() if backend == "native" else None
+    with simulate_cuda(rec, verified=a.auto, native=lib if lib is not None else False):
+        with torch_mla.use_backend(backend) if forced else contextlib.nullcontext():
             rec.keep = True
-            torch_mla.sparse_decode(q, cache, idx, d_v=512, sm_scale=scale, schedule=sched)
+            with lib.record() if lib is not None else contextlib.nullcontext():
+                torch_mla.sparse_decode(q, cache, idx, d_v=512, sm_scale=scale, schedule=sched)
             rec.keep = False
             chosen = torch_mla.explain(OP, q, cache, idx, d_v=512, sm_scale=scale,
                                        schedule=sched).splitlines()[0]
-        res = stages(q, cache, idx, sched, scale, forced, a.calls)
-        prof = profile(q, cache, idx, sched, scale, forced, a.calls) if a.profile else ""
+        res = stages(q, cache, idx, sched, scale, backend, forced, a.calls)
+        prof = (profile(q, cache, idx, sched, scale, backend, forced, a.calls) if a.profile
+                else "")
 
     print(f"sparse_decode {a.layout.upper()} b={a.b} s_q={a.s_q} h_q={a.h_q} topk={a.topk} "
           f"num_parts={a.num_parts}; torch {torch.__version__}; "
-          f"{'forced use_backend(triton)' if forced else 'unforced dispatch'}")
+          f"{f'forced use_backend({backend})' if forced else 'unforced dispatch'}")
     print(f"choice: {chosen}")
+    stub = ("native C call stubbed" + ("" if lib is None or lib.c_stub is not None
+                                       else " by a Python function (no libc fegetround)")
+            if lib is not None else "Triton launches stubbed")
     print(f"median host us per call, {a.calls} calls each (CPU tensors, CUDA path simulated, "
-          f"Triton launches stubbed):")
+          f"{stub}):")
     for k, v in res.items():
         print(f"  {v:8.2f}  {k}")
-    print(f"launches recorded per call: {len(rec.calls)}")
+    if lib is not None:
+        print(f"native library calls recorded per call: {len(lib.calls)}")
+    print(f"Triton launches recorded per call: {len(rec.calls)}")
     for kernel, grid, args, kwargs in rec.calls:
         name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
         print(f"  {name}[{tuple(grid)}]: {len(args)} positional + {len(kwargs)} keyword arguments")

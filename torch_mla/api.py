@@ -10,11 +10,12 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _eager
 from ._device import decode_parts
 from . import indexer as _indexer
 
 Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
 
 
 class DecodeSchedule(NamedTuple):
@@ -103,6 +104,14 @@ def sparse_decode(q: Tensor, k_cache: Tensor, indices: Tensor, *,
         ``out [b, s_q, h_q, d_v]`` (q's dtype) and ``lse [b, h_q, s_q]`` f32 (f64 for f64 q; +inf where a query
         has no valid key; its out is 0).
     """
+    # Eager calls on plain tensors skip the dispatcher, the checks and the backend choice when
+    # an earlier call with the same metadata made them (torch_mla._eager says when, and why the
+    # result is the same). Dynamo folds is_compiling() to True: compiled code traces the op.
+    if not _is_compiling():
+        res = _eager.sparse_decode(q, k_cache, indices, topk_length, attn_sink, extra_k_cache,
+                                   extra_indices, extra_topk_length, d_v, sm_scale, schedule)
+        if res is not None:
+            return res
     return torch.ops.mla.sparse_decode(*_sparse_decode_args(
         q, k_cache, indices, topk_length=topk_length, attn_sink=attn_sink,
         extra_k_cache=extra_k_cache, extra_indices=extra_indices,

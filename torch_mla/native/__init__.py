@@ -12,6 +12,7 @@ the next backend (Triton). Kernels not in ``GPU_VERIFIED`` run only when the bac
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -19,8 +20,10 @@ import torch
 from .. import _dispatch
 from . import _lib
 
-IMPLS: Dict[str, Callable] = {}
-SUPPORTS: Dict[str, Callable[..., List[str]]] = {}
+# (WatchedDicts: a change drops the decisions the eager fast path cached; see _dispatch)
+IMPLS: Dict[str, Callable] = _dispatch.WatchedDict()
+SUPPORTS: Dict[str, Callable[..., List[str]]] = _dispatch.WatchedDict()
+PREPARES: Dict[str, Callable] = _dispatch.WatchedDict()  # op -> prepare (see _dispatch.Backend)
 # (major, minor) compute capabilities with kernels in the library
 ARCHS = ((9, 0),)
 
@@ -33,9 +36,12 @@ ARCHS = ((9, 0),)
 GPU_VERIFIED = frozenset({"sparse_decode"})
 
 
-def register(op: str, impl: Callable, supports: Callable[..., List[str]]) -> None:
+def register(op: str, impl: Callable, supports: Callable[..., List[str]],
+             prepare: Callable = None) -> None:
     IMPLS[op] = impl
     SUPPORTS[op] = supports
+    if prepare is not None:
+        PREPARES[op] = prepare
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,4 +84,9 @@ reason = _lib.reason
 
 from . import sparse_decode  # noqa: E402,F401  (registers its op)
 
-_dispatch.register_backend(_dispatch.Backend("native", IMPLS, _supports))
+_dispatch.register_backend(_dispatch.Backend("native", IMPLS, _supports, PREPARES))
+# what the backend's decisions read lives in these modules: rebinding any of their attributes
+# (monkeypatching GPU_VERIFIED, device_reasons, ...) drops the cached decisions
+for _mod in (sys.modules[__name__], _lib, sparse_decode):
+    _dispatch.watch(_mod)
+del _mod

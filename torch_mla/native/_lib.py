@@ -114,6 +114,7 @@ def get() -> Optional[NativeLibrary]:
                 warnings.warn(f"torch_mla: native CUDA kernels unavailable ({e}); using the next "
                               "backend (Triton)", RuntimeWarning, stacklevel=3)
             _tried = True
+            _invalidate()
     return _lib
 
 
@@ -127,3 +128,12 @@ def reset() -> None:
     global _lib, _reason, _tried
     with _lock:
         _lib, _reason, _tried = None, None, False
+    _invalidate()
+
+
+def _invalidate() -> None:
+    """Backend choices depend on whether the library loaded: drop the cached ones (a module's
+    own global assignments are not seen by its watcher; see torch_mla._dispatch)."""
+    from .. import _dispatch
+
+    _dispatch.invalidate()

@@ -9,7 +9,7 @@ from . import indexer
 
 # Submodules keep their names (torch_mla.reference.sparse_prefill is the module); the op table
 # points at the functions.
-IMPLS = {
+IMPLS = _dispatch.WatchedDict({  # (a change drops cached decisions; see _dispatch)
     "sparse_prefill": sparse_prefill.sparse_prefill,
     "sparse_prefill_backward": sparse_prefill.sparse_prefill_backward,
     "sparse_decode": sparse_decode.sparse_decode,
@@ -29,7 +29,7 @@ IMPLS = {
     "indexer_scores_backward": indexer.indexer_scores_backward,
     "sparse_attn_scores": indexer.sparse_attn_scores,
     "dense_attn_scores": indexer.dense_attn_scores,
-}
+})
 
 # The reference runs every op on any device, for any input the contract accepts.
 _dispatch.register_backend(_dispatch.Backend("reference", IMPLS))

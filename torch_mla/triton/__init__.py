@@ -7,12 +7,15 @@ backend registers itself only when Triton imports.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, List, Sequence
 
 from .. import _dispatch
 
-IMPLS: Dict[str, Callable] = {}
-SUPPORTS: Dict[str, Callable[..., List[str]]] = {}
+# (WatchedDicts: a change drops the decisions the eager fast path cached; see _dispatch)
+IMPLS: Dict[str, Callable] = _dispatch.WatchedDict()
+SUPPORTS: Dict[str, Callable[..., List[str]]] = _dispatch.WatchedDict()
+PREPARES: Dict[str, Callable] = _dispatch.WatchedDict()  # op -> prepare (see _dispatch.Backend)
 
 # Kernels whose tests/gpu/ suite has passed on a GPU (H100, torch 2.11, Triton 3.6). The others are
 # correct under the interpreter but are not chosen automatically on a GPU until their GPU tests
@@ -31,9 +34,12 @@ GPU_VERIFIED = frozenset({
 })
 
 
-def register(op: str, impl: Callable, supports: Callable[..., List[str]]) -> None:
+def register(op: str, impl: Callable, supports: Callable[..., List[str]],
+             prepare: Callable = None) -> None:
     IMPLS[op] = impl
     SUPPORTS[op] = supports
+    if prepare is not None:
+        PREPARES[op] = prepare
 
 
 def _supports(op: str, args: Sequence) -> List[str]:
@@ -58,4 +64,9 @@ else:
     for _mod in pkgutil.iter_modules(__path__):
         if not _mod.name.startswith("_"):
             importlib.import_module(f"{__name__}.{_mod.name}")
-    _dispatch.register_backend(_dispatch.Backend("triton", IMPLS, _supports))
+    _dispatch.register_backend(_dispatch.Backend("triton", IMPLS, _supports, PREPARES))
+    # what the backend's decisions read lives in these modules: rebinding any of their
+    # attributes (monkeypatching GPU_VERIFIED, device_reasons, ...) drops the cached decisions
+    for _name in [__name__] + [n for n in sys.modules if n.startswith(__name__ + ".")]:
+        _dispatch.watch(sys.modules[_name])
+    del _name

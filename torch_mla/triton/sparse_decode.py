@@ -93,8 +93,9 @@ import triton.language as tl
 from ..meta.layouts import MODEL1, V32, alignment_reasons
 from .._device import sm_count
 from ..reference.schedule import decode_schedule
+from .. import _dispatch
 from . import register
-from ._common import DOT_F32, launch
+from ._common import DOT_F32, LaunchSite, launch
 
 _SB = 64  # keys per schedule block (decode_schedule's default block_n)
 _D_V_MAX = 512  # value columns the kernel accumulates (8 chunks)
@@ -416,13 +417,12 @@ def _key_count(length, n: int, b: int, device) -> torch.Tensor:
     return length.to(torch.int64).clamp(0, n)
 
 
-def _cache_args(cache: torch.Tensor, layout):
-    """(the cache as uint8, block stride in bytes, block size, slots). The kernels do byte
-    arithmetic on a uint8 pointer; an fp8 pointer would compile (and load) differently."""
-    raw = cache if cache.dtype is torch.uint8 else cache.view(torch.uint8)
+def _cache_dims(cache: torch.Tensor, layout):
+    """(block stride in bytes, block size, slots). The kernels take the cache as uint8 and do
+    byte arithmetic on it (an fp8 pointer would compile, and load, differently)."""
     nb, bs = cache.shape[0], cache.shape[1]
     stride0 = cache.stride(0) if nb > 1 else layout.block_bytes(bs)  # 1-byte elements: bytes
-    return raw, stride0, bs, nb * bs
+    return stride0, bs, nb * bs
 
 
 # ``kernel[grid](*args, **kwargs)``, directly relaunching the compiled kernel of an identical
@@ -434,89 +434,128 @@ _launch = launch
 _NO_GUARD = contextlib.nullcontext()  # stateless, so one instance serves every call
 
 
-def _device_guard(q: torch.Tensor):
-    """Triton launches on the current CUDA device: make it q's, but only when it is another one
-    (entering torch.cuda.device costs a few us even when nothing changes)."""
-    if q.is_cuda:
-        index = q.get_device()
-        if index != torch.cuda.current_device():
-            return torch.cuda.device(index)
-    return _NO_GUARD
+_F32 = torch.float32
+_U8 = torch.uint8
+# torch.cuda.current_device() without re-checking CUDA's initialization on every call
+_current_device = getattr(torch._C, "_cuda_getDevice", lambda: torch.cuda.current_device())
 
 
 # Host side of one call (run per layer per decode step, so kept to the least host work: the
 # contract has checked every input; no tensor is made but the outputs and the workspace; sizes
-# and strides of the new tensors are computed here rather than asked of them).
-def sparse_decode(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
-                  extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
-                  schedule_metadata=None, num_splits=None):
+# and strides of the new tensors are computed here rather than asked of them). ``prepare`` does
+# the part that depends only on the call's metadata once; the eager fast path
+# (torch_mla._eager) keeps the function it returns, the op's kernel runs both every time.
+def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
+            extra_indices=None, extra_topk_length=None, d_v=512, sm_scale=1.0,
+            schedule_metadata=None, num_splits=None):
+    """``run(*args)`` for this call and every call whose tensors have the same shapes, strides,
+    dtypes, device, 16-byte alignment and None-ness, and the same d_v. Tuning knobs (_TUNE) are
+    read per call, as tuning scripts change them between calls."""
     b, s_q, h_q, d_qk = q.shape
-    dev = q.device
-    out = torch.empty((b, s_q, h_q, d_v), dtype=q.dtype, device=dev)
-    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=dev)
+    dev, dtype = q.device, q.dtype
     if b == 0 or s_q == 0 or h_q == 0:
-        return out, lse
+        def run_empty(q, *args):
+            return (torch.empty(b, s_q, h_q, d_v, dtype=dtype, device=dev),
+                    torch.empty(b, h_q, s_q, dtype=_F32, device=dev))
+        return run_empty
     layout = V32 if d_qk == V32.d else MODEL1  # the contract allows only these two
+    layout_id = 0 if layout is V32 else 1
     topk = indices.shape[2]
     has_extra = extra_k_cache is not None
     etopk = extra_indices.shape[2] if has_extra else 0
     block_h = _block_h(h_q)
     head_blocks = h_q // block_h
-
-    if schedule_metadata is None:
-        # Count each key set in whole schedule blocks so that no block mixes the two caches.
-        n = (_key_count(topk_length, topk, b, dev) + _SB - 1) // _SB * _SB
-        if has_extra:
-            n = n + (_key_count(extra_topk_length, etopk, b, dev) + _SB - 1) // _SB * _SB
-        schedule_metadata, num_splits = decode_schedule(n.to(torch.int32),
-                                                        _num_parts(dev, head_blocks), _SB)
-    num_parts = schedule_metadata.shape[0]
-    n_ws = b + num_parts
-    ws_o = torch.empty((n_ws, s_q, h_q, _D_V_MAX), dtype=torch.float32, device=dev)
-    ws_lse = torch.empty((n_ws, s_q, h_q), dtype=torch.float32, device=dev)
-
-    kc, kc_stride0, kc_bs, kc_slots = _cache_args(k_cache, layout)
-    sq = q.stride()
-    si = indices.stride()
+    has_schedule = schedule_metadata is not None
+    if has_schedule:
+        copy_schedule = not (schedule_metadata.is_contiguous() and num_splits.is_contiguous())
+    kc_view = k_cache.dtype is not _U8  # the kernels take the cache as uint8 (see _cache_args)
+    kc_stride0, kc_bs, kc_slots = _cache_dims(k_cache, layout)
+    sq0, sq1, sq2 = q.stride()[:3]
+    si0, si1 = indices.stride(0), indices.stride(1)
     if has_extra:
-        ec, ec_stride0, ec_bs, ec_slots = _cache_args(extra_k_cache, layout)
-        eidx = extra_indices
-        se = eidx.stride()
+        ec_view = extra_k_cache.dtype is not _U8
+        ec_stride0, ec_bs, ec_slots = _cache_dims(extra_k_cache, layout)
+        se0, se1 = extra_indices.stride(0), extra_indices.stride(1)
     else:  # placeholders, never read (HAS_EXTRA is off)
-        ec, ec_stride0, ec_bs, ec_slots, eidx, se = kc, kc_stride0, kc_bs, 0, indices, si
-    lens = topk_length.contiguous() if topk_length is not None else indices
-    elens = extra_topk_length.contiguous() if extra_topk_length is not None else indices
+        ec_stride0, ec_bs, ec_slots, se0, se1 = kc_stride0, kc_bs, 0, si0, si1
+    has_len, has_elen = topk_length is not None, extra_topk_length is not None
+    copy_lens = has_len and not topk_length.is_contiguous()
+    copy_elens = has_elen and not extra_topk_length.is_contiguous()
     has_sink = attn_sink is not None
-    sink = attn_sink.to(torch.float32).contiguous() if has_sink else lse
-    schedule_metadata = schedule_metadata.contiguous()
-    num_splits = num_splits.contiguous()
+    convert_sink = has_sink and not (attn_sink.dtype is _F32 and attn_sink.is_contiguous())
     # out is new and contiguous: its strides are these (Triton specializes on the values only)
     so0, so1, so2 = s_q * h_q * d_v, h_q * d_v, d_v
+    index = dev.index if q.is_cuda else None  # Triton launches on the current CUDA device
+    main_site, combine_site = LaunchSite(_sparse_decode_kernel), LaunchSite(_combine_kernel)
+    combine_grid = (b * s_q, h_q // 16)
 
-    block_n, num_warps, num_stages = _config(block_h)
-    with _device_guard(q):
-        kern = _launch(
-            _sparse_decode_kernel, (num_parts, head_blocks),
-            q, sq[0], sq[1], sq[2],
-            kc, kc_stride0, kc_bs, kc_slots,
-            indices, si[0], si[1], topk, lens,
-            ec, ec_stride0, ec_bs, ec_slots,
-            eidx, se[0], se[1], etopk, elens,
-            sink, schedule_metadata, num_splits, ws_o, ws_lse, n_ws,
-            out, so0, so1, so2, lse,
-            b, s_q, h_q, d_v, float(sm_scale) * _LOG2E,
-            LAYOUT=0 if layout is V32 else 1, HAS_LEN=topk_length is not None,
-            HAS_EXTRA=has_extra, HAS_ELEN=extra_topk_length is not None,
-            HAS_SINK=has_sink, BLOCK_H=block_h, BLOCK_N=block_n,
-            DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages)
-        if _TUNE.get("debug"):  # tuning scripts read registers / spills / shared memory here
-            _TUNE["last_kernel"] = kern
-        # Always launched: whether any batch element has 0 or >= 2 splits is known only on the
-        # device (a batch element with exactly one split returns at once there).
-        _launch(_combine_kernel, (b * s_q, h_q // 16),
-                ws_o, ws_lse, n_ws, num_splits, sink, out, so0, so1, so2,
-                lse, s_q, h_q, d_v, HAS_SINK=has_sink, BLOCK_H=16, D=_D_V_MAX, num_warps=4)
-    return out, lse
+    def run(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
+            extra_indices=None, extra_topk_length=None, d_v=d_v, sm_scale=1.0,
+            schedule_metadata=None, num_splits=None):
+        out = torch.empty(b, s_q, h_q, d_v, dtype=dtype, device=dev)
+        lse = torch.empty(b, h_q, s_q, dtype=_F32, device=dev)
+        if has_schedule:
+            if copy_schedule:
+                schedule_metadata = schedule_metadata.contiguous()
+                num_splits = num_splits.contiguous()
+        else:
+            # Count each key set in whole schedule blocks so that no block mixes the two caches.
+            n = (_key_count(topk_length, topk, b, dev) + _SB - 1) // _SB * _SB
+            if has_extra:
+                n = n + (_key_count(extra_topk_length, etopk, b, dev) + _SB - 1) // _SB * _SB
+            schedule_metadata, num_splits = decode_schedule(n.to(torch.int32),
+                                                            _num_parts(dev, head_blocks), _SB)
+        num_parts = schedule_metadata.shape[0]
+        n_ws = b + num_parts
+        ws_o = torch.empty(n_ws, s_q, h_q, _D_V_MAX, dtype=_F32, device=dev)
+        ws_lse = torch.empty(n_ws, s_q, h_q, dtype=_F32, device=dev)
+        kc = k_cache.view(_U8) if kc_view else k_cache
+        if has_extra:
+            ec = extra_k_cache.view(_U8) if ec_view else extra_k_cache
+            eidx = extra_indices
+        else:
+            ec, eidx = kc, indices
+        if has_len:
+            lens = topk_length.contiguous() if copy_lens else topk_length
+        else:
+            lens = indices
+        if has_elen:
+            elens = extra_topk_length.contiguous() if copy_elens else extra_topk_length
+        else:
+            elens = indices
+        if has_sink:
+            sink = attn_sink.to(_F32).contiguous() if convert_sink else attn_sink
+        else:
+            sink = lse
+        block_n, num_warps, num_stages = _config(block_h)
+        if index is not None and index != _current_device():
+            guard = torch.cuda.device(index)
+        else:
+            guard = _NO_GUARD
+        with guard:
+            kern = _launch(
+                main_site, (num_parts, head_blocks),
+                q, sq0, sq1, sq2,
+                kc, kc_stride0, kc_bs, kc_slots,
+                indices, si0, si1, topk, lens,
+                ec, ec_stride0, ec_bs, ec_slots,
+                eidx, se0, se1, etopk, elens,
+                sink, schedule_metadata, num_splits, ws_o, ws_lse, n_ws,
+                out, so0, so1, so2, lse,
+                b, s_q, h_q, d_v, float(sm_scale) * _LOG2E,
+                LAYOUT=layout_id, HAS_LEN=has_len, HAS_EXTRA=has_extra, HAS_ELEN=has_elen,
+                HAS_SINK=has_sink, BLOCK_H=block_h, BLOCK_N=block_n,
+                DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages)
+            if _TUNE.get("debug"):  # tuning scripts read registers / spills / shared memory
+                _TUNE["last_kernel"] = kern
+            # Always launched: whether any batch element has 0 or >= 2 splits is known only on
+            # the device (a batch element with exactly one split returns at once there).
+            _launch(combine_site, combine_grid,
+                    ws_o, ws_lse, n_ws, num_splits, sink, out, so0, so1, so2,
+                    lse, s_q, h_q, d_v, HAS_SINK=has_sink, BLOCK_H=16, D=_D_V_MAX, num_warps=4)
+        return out, lse
+
+    return run
 
 
 _Q_DTYPES = (torch.bfloat16, torch.float16)
@@ -556,4 +595,5 @@ def supports(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cach
     return reasons
 
 
-register("sparse_decode", sparse_decode, supports)
+sparse_decode = _dispatch.prepared_impl(prepare)
+register("sparse_decode", sparse_decode, supports, prepare)
