@@ -49,8 +49,11 @@ def run_check(q, cache, table, seqlens, d_v, causal, schedule=None, tol=2e-2):
 
 @pytest.mark.parametrize("bs", [2, 61, 64])
 @pytest.mark.parametrize("s_q,causal", [(1, False), (2, True), (4, True), (3, False)])
-def test_small_dims_block_sizes_mtp(bs, s_q, causal):
-    # 0: empty sequence; 3 < s_q for causal: early MTP queries see nothing; 150: several blocks
+def test_small_dims_block_sizes_mtp(bs, s_q, causal, monkeypatch):
+    # 0: empty sequence; 3 < s_q for causal: early MTP queries see nothing; 150: several blocks.
+    # Block size 64 runs the gather kernel here (VARIANT None); the paged kernel's own tests are
+    # below.
+    monkeypatch.setattr(TD, "VARIANT", None)
     q, cache, table, lens = make([3, 0, 150, 64], s_q, 16, 1, bs, 48, seed=bs * 10 + s_q)
     run_check(q, cache, table, lens, 32, causal)
 
@@ -61,8 +64,12 @@ def test_gqa_and_out_of_range_junk():
     run_check(q, cache, table, lens, 32, True)
 
 
-def test_deepseek_head_dims():
-    # the production d_qk 576 = 512 + 64 RoPE and d_v 512, at small lengths
+@pytest.mark.parametrize("variant", ["default", "gather"])
+def test_deepseek_head_dims(variant, monkeypatch):
+    # the production d_qk 576 = 512 + 64 RoPE and d_v 512, at small lengths; block size 64:
+    # the default runs the paged kernel, VARIANT None the gather kernel
+    if variant == "gather":
+        monkeypatch.setattr(TD, "VARIANT", None)
     q, cache, table, lens = make([70, 1, 0], 2, 16, 1, 64, 576, seed=2)
     run_check(q, cache, table, lens, 512, True)
 
@@ -124,3 +131,117 @@ def test_supports_says_why_not():
     assert TD.supports(q, cache, table, lens, 32) == []
     text = torch_mla.explain("dense_decode", q.float(), cache.float(), table, lens, d_v=32)
     assert "float32" in text or "reference" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged kernel (TD.VARIANT, the default): every knob, with small tiles so that the
+# interpreter sees many of them. Its tile split needs block_size % block_n == 0 (other block
+# sizes run the gather kernel); TMA copies need d_v and d_qk - d_v powers of two (48 / 32: a
+# 16-column tail). L2 prefetch (GPU only: PTX) never runs here; tools/triton_compile_check.py
+# compiles it.
+# ---------------------------------------------------------------------------------------------
+
+PAGED = {
+    "defaults": dict(block_n=16),  # value blocks 2, deferred sums, TMA, split scores
+    "vblocks1": dict(block_n=16, vblocks=1, defer_sum=False),
+    "vblocks1_defer_sum": dict(block_n=16, vblocks=1),
+    "pointers+prefetch_knob": dict(block_n=16, tma=False, prefetch=3),
+    "chained_scores": dict(block_n=16, split_s=False, vblocks=1, defer_sum=False),
+    "vblocks2_chained_pointers": dict(block_n=16, split_s=False, tma=False),
+    "dv_split2_h128": dict(block_n=16, block_h=128, dv_split=2, split_s=False),
+    "dv_split2_tma": dict(block_n=16, block_h=32, dv_split=2),
+}
+
+
+class _Spy:
+    """Wraps a kernel: records the constexpr keywords of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(dict(kwargs, grid=grid))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture(params=sorted(PAGED))
+def paged(request, monkeypatch):
+    monkeypatch.setattr(TD, "VARIANT", PAGED[request.param])
+    spy = _Spy(TD._decode_paged_kernel)
+    monkeypatch.setattr(TD, "_decode_paged_kernel", spy)
+    return PAGED[request.param], spy
+
+
+@pytest.mark.parametrize("s_q,causal", [(1, False), (2, True), (3, True), (4, False)])
+def test_paged_variants(paged, s_q, causal):
+    cfg, spy = paged
+    # 0: empty; 3 < s_q: early MTP queries see nothing; 16: exactly one tile; 90, 150: full
+    # tiles, a partial last tile and (causal) the masked fast tiles at the end
+    q, cache, table, lens = make([3, 0, 150, 16, 90], s_q, 16, 1, 16, 48, seed=20 + s_q)
+    run_check(q, cache, table, lens, 32, causal)
+    assert spy.calls, "the paged kernel did not run"
+    kw = spy.calls[-1]
+    assert kw["USE_TMA"] == cfg.get("tma", True)
+    assert kw["DV_SPLIT"] == cfg.get("dv_split", 1) and kw["BLOCK_N"] == 16
+    assert kw["VBLOCKS"] == max(cfg.get("vblocks", 2), cfg.get("dv_split", 1))
+    assert kw["DEFER_SUM"] == cfg.get("defer_sum", True)
+    assert kw["SPLIT_S"] == cfg.get("split_s", True)
+    assert kw["PREFETCH"] == 0  # never under the interpreter (no PTX to run)
+    # programs of a part next to each other on axis 0: kv heads x row blocks x value halves
+    rows = 16 * s_q
+    assert kw["grid"][0] == -(-rows // kw["BLOCK_H"]) * cfg.get("dv_split", 1)
+
+
+@pytest.mark.parametrize("num_parts,block_n", [(3, 64), (11, 8), (40, 24)])
+def test_paged_unaligned_schedules(paged, num_parts, block_n):
+    # schedule blocks of 8 or 24 keys: parts begin and end inside 16-key tiles (the edge loop's
+    # head tile); many parts: several splits per sequence, empty parts, the combine pass
+    q, cache, table, lens = make([300, 0, 65, 129, 17], 2, 16, 1, 64, 48, seed=30 + num_parts)
+    sched = torch_mla.decode_schedule(lens, num_parts=num_parts, block_n=block_n)
+    run_check(q, cache, table, lens, 32, True, schedule=sched)
+    assert spy_ran(paged)
+
+
+def spy_ran(paged):
+    return bool(paged[1].calls)
+
+
+def test_paged_gqa_fp16_odd_dv_and_fallback(paged):
+    cfg, spy = paged
+    # h_kv 2 through the TMA view's column offset (kv head h at column h * stride(2))
+    q, cache, table, lens = make([37, 100, 64], 2, 16, 2, 16, 48, junk=10 ** 6, seed=41)
+    run_check(q, cache, table, lens, 32, True)
+    assert spy.calls[-1]["USE_TMA"] == cfg.get("tma", True)
+    # fp16, d_v 40 (not a power of two: pointer copies, masked columns), s_q 1
+    q, cache, table, lens = make([90, 33, 200], 1, 16, 1, 64, 64, dtype=torch.float16, seed=42)
+    run_check(q, cache, table, lens, 40, False)
+    assert spy.calls[-1]["USE_TMA"] is False
+    # a block size that 16-key tiles do not divide: the gather kernel runs instead
+    n = len(spy.calls)
+    q, cache, table, lens = make([50, 7], 2, 16, 1, 61, 48, seed=43)
+    run_check(q, cache, table, lens, 32, True)
+    assert len(spy.calls) == n
+
+
+def test_paged_deepseek_dims(paged):
+    # d_qk 576 = 512 + 64, d_v 512: the production tiles' shapes (64-key tiles here)
+    cfg, spy = paged
+    q, cache, table, lens = make([70, 1, 0, 130], 2, 16, 1, 64, 576, seed=44)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TD, "VARIANT", dict(cfg, block_n=64))
+        run_check(q, cache, table, lens, 512, True)
+    assert spy.calls[-1]["USE_TMA"] == cfg.get("tma", True)
+
+
+def test_variant_from_environment():
+    import subprocess
+    import sys
+    code = ("import torch_mla.triton.dense_decode as TD; print(TD.VARIANT)")
+    env = dict(__import__("os").environ, TORCH_MLA_DENSE_DECODE_VARIANT='{"vblocks": 1}')
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "{'vblocks': 1}", out.stderr[-2000:]
+    env["TORCH_MLA_DENSE_DECODE_VARIANT"] = "gather"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "None", out.stderr[-2000:]

@@ -4,12 +4,21 @@
     python3 tools/gpu_tune.py topk        # indexer_topk variants against torch.topk
     python3 tools/gpu_tune.py host        # host time of one eager sparse_decode, and its profile
     python3 tools/gpu_tune.py sched       # sparse_decode time against the schedule's part count
+    python3 tools/gpu_tune.py decode      # dense_decode split-kernel variants (~1.5 min)
 
 topk: rows 4096 x 32768 f32 randn, k 2048 (the bench's case); every variant is first checked
 bit for bit against the reference on the same logits, then timed with CUDA-graph replay
 (torch_mla.bench.timing), median. host: the bench's host_overhead case (one eager call, GPU idle
 before each), per backend, with Triton's direct relaunch on and off, then a cProfile of 300
-Triton calls (top 25 by cumulative time).
+Triton calls (top 25 by cumulative time). decode: torch_mla.triton.dense_decode's split-kernel
+variants (its VARIANT and COMBINE_CONFIG knobs; DECODE_VARIANTS='[{...}, ...]' in the environment
+replaces the list, null meaning the gather kernel; DECODE_PROFILE=1 adds each variant's device
+time per kernel) at the three production shapes of the target (paged bf16
+cache, block 64, h_q 128, d_qk 576, d_v 512; the bench's inputs and its precomputed
+decode_schedule(h_q=128)); every variant is first checked against the reference backend on four
+batch elements (first, second, middle, last), then timed with CUDA-graph replay, median; FlashMLA
+is timed alongside where its peer imports (PYTHONPATH=...$peer), else its published H100 figures
+are the ratio's base.
 """
 
 import cProfile
@@ -142,6 +151,156 @@ def sched():
           built.calls else "flashmla: not importable")
 
 
+# dense_decode split-kernel variants: torch_mla.triton.dense_decode.VARIANT (None: the gather
+# kernel; a dict: the paged kernel, its keys overriding PAGED_DEFAULTS), plus "combine": [rows,
+# warps] for COMBINE_CONFIG. Cost model (one program, one 64-key tile of 64 rows; H100 SXM at
+# ~1.75 GHz: 4096 bf16 FLOP/clk/SM on the tensor cores, 128 B/clk/SM of shared memory, and
+# wgmma reads A and B from shared memory, so m64nNk16 costs max(N/2, (2048 + 32 N) / 128) clk;
+# b=64 s_q=1 s_k=8192 gives 124 program-tiles per SM: 66 parts x 2 row blocks):
+#   gather: QK^T done by both warp groups at n32 (2 x 36 wgmma x 3 KB of shared memory = 3.0k
+#     clk) + PV 1.0k + ~1.6k instructions/warp of pointer math + the next tile's copy issued
+#     after the dots (~2k exposed): ~7-8k predicted, 11k measured (795 us).
+#   paged defaults: scores split over the warp groups (n32, shared-memory bound: 1.7k), PV 1.0k,
+#     softmax with one cross-warp-group max ~0.5k, ~700 instructions/warp, the copy still issued
+#     after the dots but from L2 (prefetched): ~1k exposed -> ~4.5k predicted, ~5.8k measured
+#     (437 us). Each knob below undoes one step (measured: the module docstring):
+#   vblocks 1 (one 512-column value block): same speed, more spills (measured 454 / 837 / 477).
+#   prefetch 1 / 3: within noise of 2 (444 / 836 / 536, 451 / 850 / 482); 0 costs ~7%.
+#   defer_sum False: a per-tile cross-warp-group row sum, predicted ~+4% (measured within
+#     the run-to-run spread: 434-441 / 817-836 / 464-472).
+#   split_s False: the gather kernel's duplicated scores (3.0k) -> ~+15% (measured 515 / 983 /
+#     611).
+#   combine [4, 4] / [16, 8]: the combine kernel (memory bound: 12-13 us at s_q=1, 29-30 at
+#     s_q=2 with the default [8, 4]) with more / fewer programs in flight; predicted within
+#     +-5 us (measured within 1 us).
+DECODE_VARIANTS = [
+    None,
+    {},
+    {"combine": [4, 4]},
+    {"combine": [16, 8]},
+    {"vblocks": 1},
+    {"prefetch": 1},
+    {"defer_sum": False},
+    {"split_s": False},
+]
+# (b, s_q, s_k, FlashMLA's H100 time in us from the target's table)
+DECODE_SHAPES = [(64, 1, 8192, 239.0), (128, 1, 8192, 513.0), (64, 2, 4096, 217.0)]
+
+
+def _decode_inputs(b, s_q, s_k, dev, gen, h_q=128, d=576, bs=64):
+    """The bench's dense_decode inputs (torch_mla.bench.cases._dense_decode)."""
+    import math
+    from torch_mla.bench import cases
+
+    nblk = math.ceil(s_k / 256) * 256 // bs
+    q = cases._randn(gen, (b, s_q, h_q, d), dev)  # noqa: SLF001
+    table = torch.randperm(b * nblk, generator=gen, device=dev).to(torch.int32).view(b, nblk)
+    cache = cases._randn(gen, (b * nblk, bs, 1, d), dev)  # noqa: SLF001
+    seqlens = torch.full((b,), s_k, dtype=torch.int32, device=dev)
+    sched = torch_mla.decode_schedule(seqlens, h_q=h_q)
+    return q, cache, table, seqlens, sched
+
+
+def _decode_check(q, cache, table, seqlens, sched, causal, scale):
+    """Max error of the Triton output against the reference on 4 batch elements (the first, the
+    second, the middle and the last: they sit in different parts of the schedule)."""
+    b = q.shape[0]
+    idx = torch.tensor(sorted({0, min(1, b - 1), b // 2, b - 1}), device=q.device)
+    with torch_mla.use_backend("triton"):
+        out, lse = torch_mla.dense_decode(q, cache, table, seqlens, d_v=512, sm_scale=scale,
+                                          causal=causal, schedule=sched)
+    with torch_mla.use_backend("reference"):
+        ref_out, ref_lse = torch_mla.dense_decode(q[idx], cache, table[idx], seqlens[idx],
+                                                  d_v=512, sm_scale=scale, causal=causal)
+    out, lse = out[idx].float(), lse[idx]
+    if out.isnan().any() or lse.isnan().any():
+        return "NaN"
+    err_o = ((out - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
+    err_l = (lse - ref_lse).abs().max().item()
+    ok = err_o < 2e-2 and err_l < 1e-3
+    return f"{'ok' if ok else 'WRONG'}({err_o:.0e},{err_l:.0e})"
+
+
+def _kernel_breakdown(fn, calls=5):
+    """Device time per kernel name (us per call) of ``fn``, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            times[ev.name] = times.get(ev.name, 0.0) + ev.device_time / calls
+    return "  ".join(f"{k[:28]} {v:.1f}" for k, v in sorted(times.items(), key=lambda x: -x[1]))
+
+
+def decode():
+    import json
+    import os
+    import time
+
+    import torch_mla.triton.dense_decode as td
+    from torch_mla.bench import cases
+
+    variants = DECODE_VARIANTS
+    if os.environ.get("DECODE_VARIANTS"):
+        variants = json.loads(os.environ["DECODE_VARIANTS"])
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    scale = 576 ** -0.5
+    inputs = [_decode_inputs(b, s_q, s_k, dev, gen) for b, s_q, s_k, _ in DECODE_SHAPES]
+    base = []
+    for (b, s_q, s_k, published), _ in zip(DECODE_SHAPES, inputs):
+        us = None
+        try:
+            built = cases._dense_decode(dict(b=b, s_q=s_q, h_q=128, s_k=s_k, block_size=64),  # noqa
+                                        dev, gen)
+            if "flashmla" in built.calls:
+                us = _time(built.calls["flashmla"])
+            del built
+        except Exception as e:  # noqa: BLE001 - the published figure stands in
+            print(f"flashmla b={b} s_q={s_q}: {type(e).__name__}: {str(e)[:120]}")
+        base.append((us, "live") if us else (published, "published"))
+        torch.cuda.empty_cache()
+    heads = [f"b={b} s_q={s_q} s_k={s_k}" for b, s_q, s_k, _ in DECODE_SHAPES]
+    print("FlashMLA: " + "  ".join(f"{h}: {us:.1f} us ({how})"
+                                   for h, (us, how) in zip(heads, base)), flush=True)
+    print(f"{'variant':<78} " + " ".join(f"{h:>24}" for h in heads))
+    old = td.VARIANT, td.COMBINE_CONFIG
+    for v in variants:
+        td.COMBINE_CONFIG = tuple(v["combine"]) if v and "combine" in v else old[1]
+        td.VARIANT = None if v is None else {k: x for k, x in v.items() if k != "combine"}
+        cells = []
+        t0 = time.time()
+        for (b, s_q, s_k, _), (q, cache, table, seqlens, sched), (fl, _) in zip(
+                DECODE_SHAPES, inputs, base):
+            causal = s_q > 1
+            try:
+                check = _decode_check(q, cache, table, seqlens, sched, causal, scale)
+                with torch_mla.use_backend("triton"):
+                    us = _time(lambda: torch_mla.dense_decode(
+                        q, cache, table, seqlens, d_v=512, sm_scale=scale, causal=causal,
+                        schedule=sched))
+                cells.append(f"{us:7.1f} {fl / us:4.2f}x {check}")
+            except Exception as e:  # noqa: BLE001 - report and go on
+                cells.append(f"{type(e).__name__}: {str(e)[:60]}")
+        name = "default (gather kernel)" if v is None else json.dumps(v, separators=(",", ":"))
+        print(f"{name:<78} " + " ".join(f"{c:>24}" for c in cells)
+              + f"  [{time.time() - t0:.0f}s]", flush=True)
+        if os.environ.get("DECODE_PROFILE"):  # per-kernel device time (us per call)
+            for (b, s_q, s_k, _), (q, cache, table, seqlens, sched) in zip(DECODE_SHAPES, inputs):
+                with torch_mla.use_backend("triton"):
+                    brk = _kernel_breakdown(lambda: torch_mla.dense_decode(
+                        q, cache, table, seqlens, d_v=512, sm_scale=scale, causal=s_q > 1,
+                        schedule=sched))
+                print(f"    b={b} s_q={s_q}: {brk}", flush=True)
+    td.VARIANT, td.COMBINE_CONFIG = old
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:]:
-        {"topk": topk, "host": host, "sched": sched}[what]()
+        {"topk": topk, "host": host, "sched": sched, "decode": decode}[what]()

@@ -356,6 +356,10 @@ def _dense_decode(h_q, d_qk, d_v, s_q, causal, b=2, seqlen=4096, bs=64):
 for _d in (576, 512):
     case(f"dense_decode h128 d{_d}/512 s_q1", _dense_decode, 128, _d, 512, 1, False)
     case(f"dense_decode h128 d{_d}/512 s_q2 causal", _dense_decode, 128, _d, 512, 2, True)
+# block size 32: 64-key tiles do not divide it, so the gather kernel runs (the paged one, the
+# default, above)
+case("dense_decode h128 d576/512 s_q2 causal bs32 (gather kernel)", _dense_decode, 128, 576, 512,
+     2, True, bs=32)
 
 
 # dense_prefill forward + backward (MHA: h_q = h_k = 128; two sequences of 512)
