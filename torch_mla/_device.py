@@ -28,6 +28,8 @@ def decode_parts(device: torch.device, h_q: int = None) -> int:
     """Default part count of a decode schedule: one wave of the decode kernels' 64-head programs,
     SM count // ceil(h_q / 64) (all SMs when h_q is unknown). On the H100 at V32 b=64 s_q=2
     h_q=128 topk=2048 (2026-11-25), 66 parts ran Triton in 509 us and native in 454, against
-    591 / 488 at 132 parts and 987 / 465 at 33."""
+    591 / 488 at 132 parts and 987 / 465 at 33. (The later native kernel, persistent over
+    (part, query token) jobs, prefers one job per CTA slot: at V32 b=128 431 us with 33 parts,
+    459 with 66; the Triton grid has no s_q axis, so this default stays Triton's.)"""
     blocks = 1 if h_q is None else max(1, -(-int(h_q) // DECODE_HEAD_BLOCK))
     return max(1, sm_count(device) // blocks)
