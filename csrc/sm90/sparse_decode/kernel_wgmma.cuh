@@ -24,11 +24,16 @@
 // 128-byte-swizzled K-major layout wgmma reads (Plan::LayoutQK; sw128() is the same map
 // written out for the producer's stores), P [64 x 64], row max / sum exchange, validity flags.
 //
-// Synchronization:
-// * full[s] (128 producer arrivals) / empty[s] (256 consumer arrivals), s = tile counter & 1,
-//   phase = (tile counter >> 1) & 1; the producer waits empty with the opposite parity, which
-//   a fresh barrier satisfies at once. Producer stores are made visible to wgmma (the async
-//   proxy) by fence.proxy.async before the arrival; flags ride on the mbarrier's release.
+// Synchronization (s = tile counter & 1, phase = (tile counter >> 1) & 1):
+// * A stage fills in two column halves, 0..255 and the rest (RoPE included): full[s] and
+//   full_hi[s] take the 128 producer threads' arrivals (full_hi also waits for their RoPE
+//   cp.async copies); with the crossover, remote[s] / remote_hi[s] complete when the peer's
+//   bulk copies of those halves have landed (one local arrival with the expected byte count).
+//   Producer stores reach wgmma (the async proxy) through fence.proxy.async before the
+//   arrivals; the validity flags ride on full's release.
+// * empty[s]: the consumers' release of a stage (256 thread arrivals; crossover: one arrival a
+//   consumer warp of both CTAs, 16, since both producers write into both stages). The
+//   producer waits empty with the opposite parity, which a fresh barrier satisfies at once.
 // * The consumers meet at named barriers (256 threads): kBarMax (row maxima exchanged),
 //   kBarP (both halves of P written and fenced), kBarSum (row sums), kBarElem (before and
 //   after loading the next element's Q). P is rewritten only after the next kBarMax, which
