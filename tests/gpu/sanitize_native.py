@@ -3,9 +3,9 @@
     compute-sanitizer --tool memcheck  --kernel-name kns=decode python3 gpu/sanitize_native.py
     compute-sanitizer --tool racecheck --kernel-name kns=decode python3 gpu/sanitize_native.py
 
-(run from tests/, as run_on_device.sh runs the GPU tests; with TORCH_MLA_NATIVE_DECODE_WGMMA=1
-the experimental warp-specialized wgmma kernel runs instead of the serial one; STEPS=sanitize
-in run_on_device.sh runs both tools on both kernels). Covers V32 and MODEL1, h_q 64 / 128,
+(run from tests/, as run_on_device.sh runs the GPU tests; the warp-specialized wgmma kernel is
+the default, with its crossover for the h_q 128 cases, and TORCH_MLA_NATIVE_DECODE_WGMMA=0 runs
+the serial one instead; STEPS=sanitize in run_on_device.sh runs both tools on both kernels). Covers V32 and MODEL1, h_q 64 / 128,
 s_q 1 / 2, extra KV with another block size, topk_length / extra_topk_length, +-inf sinks,
 invalid and out-of-range indices, block sizes 2 / 61, topk not a multiple of 64, all indices
 invalid, and a schedule with more parts than work (splits and the combine). Each case is also
