@@ -270,3 +270,61 @@ def test_supports_reasons():
     # the forced backend says why it refuses
     with torch_mla.use_backend("triton"), pytest.raises(RuntimeError, match="bf16/fp16"):
         torch_mla.sparse_decode(q.float(), ks.cache, idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# the split-scores variant (VARIANT a dict: _tile_split, 256-column value blocks, split scores,
+# deferred row sums) on the corner cases above
+# ---------------------------------------------------------------------------------------------
+
+_SPLIT_CASES = {
+    # a tail block, pads between cache blocks, a short length, sinks
+    "v32-tail": dict(layout="v32", topk=100, bs=61, nb=3, lengths=[100, 37], sink="finite",
+                     seed=61),
+    "model1-tail": dict(layout="model1", topk=100, bs=2, nb=40, lengths=[100, 37],
+                        sink="finite", seed=2),
+    # extra set, empty main / empty batch elements, mixed +-inf sinks, splits + combine, and
+    # parts cut inside the kernel's tiles
+    "v32-extra-parts3": dict(layout="v32", b=3, s_q=2, topk=128, bs=64, nb=3,
+                             lengths=[128, 0, 0], extra=(5, 2, 70, [70, 9, 0]), sink="mixed",
+                             schedule="parts3", seed=7),
+    "model1-extra-bn40": dict(layout="model1", b=3, s_q=2, topk=128, bs=64, nb=3,
+                              lengths=[128, 0, 0], extra=(5, 2, 70, [70, 9, 0]), sink="mixed",
+                              schedule="bn40", seed=7),
+    "model1-extra-uint8": dict(layout="model1", b=2, s_q=1, topk=64, bs=64, nb=2,
+                               extra=(2, 61, 64, None), schedule="parts3", uint8=True, seed=8),
+    "v32-all-invalid": dict(layout="v32", topk=64, bs=4, nb=4, invalid_frac=1.0, sink="finite",
+                            extra=(2, 3, 64, None), schedule="parts3", seed=9),
+    "model1-zero-lengths": dict(layout="model1", b=2, s_q=1, topk=64, bs=61, nb=2,
+                                lengths=[0, 0], extra=(2, 2, 64, [0, 0]), sink="mixed", seed=10),
+    # BLOCK_H 32 (4 warps, 32-key tiles) and 64 (8 warps, 64-key tiles)
+    "v32-h32": dict(layout="v32", b=1, s_q=2, h_q=32, topk=64, bs=64, nb=2, lengths=[50],
+                    sink="finite", seed=32),
+    "v32-h64": dict(layout="v32", b=1, s_q=2, h_q=64, topk=64, bs=64, nb=2, lengths=[50],
+                    sink="finite", seed=64),
+    # fp16 q; d_v inside value block a (256) and inside block b (448: MODEL1's RoPE not stored)
+    "v32-fp16-dv256": dict(layout="v32", topk=64, bs=61, nb=2, d_v=256, q_dtype=torch.float16,
+                           lengths=[64, 20], schedule="parts3", seed=11),
+    "model1-dv448": dict(layout="model1", topk=64, bs=61, nb=2, d_v=448,
+                         extra=(2, 2, 64, [3, 64]), seed=12),
+}
+
+
+# the defaults on every case; the other settings (scores chained into the PV dots, per-tile row
+# sums) on a few
+_SPLIT_RUNS = ([(name, {}) for name in _SPLIT_CASES]
+               + [(name, {"split_s": False, "defer_sum": False})
+                  for name in ("model1-tail", "v32-extra-parts3", "model1-extra-bn40")])
+
+
+@pytest.mark.parametrize("name,variant", _SPLIT_RUNS,
+                         ids=[f"{n}-{'default' if not v else 'chained-rowsum'}"
+                              for n, v in _SPLIT_RUNS])
+def test_split_variant(monkeypatch, name, variant):
+    monkeypatch.setattr(TSD, "VARIANT", variant)
+    assert TSD._config(64)[3]["SPLIT"]  # noqa: SLF001
+    out, lse, lonely = run_case(**_SPLIT_CASES[name])
+    if name in ("v32-all-invalid", "model1-zero-lengths"):
+        assert torch.all(lonely) and torch.all(out == 0) and torch.all(lse == math.inf)
+    if name.endswith("extra-parts3") or name.endswith("extra-bn40"):
+        assert torch.all(lonely[2]) and not lonely[0].any()

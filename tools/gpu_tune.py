@@ -5,6 +5,7 @@
     python3 tools/gpu_tune.py host        # host time of one eager sparse_decode, and its profile
     python3 tools/gpu_tune.py sched       # sparse_decode time against the schedule's part count
     python3 tools/gpu_tune.py decode      # dense_decode split-kernel variants (~1.5 min)
+    python3 tools/gpu_tune.py sparse      # sparse_decode main-kernel variants (< 100 s)
 
 topk: rows 4096 x 32768 f32 randn, k 2048 (the bench's case); every variant is first checked
 bit for bit against the reference on the same logits, then timed with CUDA-graph replay
@@ -18,7 +19,12 @@ cache, block 64, h_q 128, d_qk 576, d_v 512; the bench's inputs and its precompu
 decode_schedule(h_q=128)); every variant is first checked against the reference backend on four
 batch elements (first, second, middle, last), then timed with CUDA-graph replay, median; FlashMLA
 is timed alongside where its peer imports (PYTHONPATH=...$peer), else its published H100 figures
-are the ratio's base.
+are the ratio's base. sparse: torch_mla.triton.sparse_decode's VARIANT knob (None: the chunked
+kernel; a dict: the split-scores variant; SPARSE_VARIANTS='[null, {...}]' in the environment
+replaces the list) on the bench's five sparse_decode rows (its inputs and precomputed
+decode_schedule(h_q)), each variant first checked against the reference backend on two batch
+elements (the first and the last), then timed with CUDA-graph replay, median; FlashMLA timed
+alongside where it imports (PYTHONPATH=...$peer), else its README figures are the base.
 """
 
 import cProfile
@@ -301,6 +307,134 @@ def decode():
     td.VARIANT, td.COMBINE_CONFIG = old
 
 
+
+# sparse_decode main-kernel variants: torch_mla.triton.sparse_decode.VARIANT (None: the chunked
+# kernel, whose scores' dots are chained into the PV dots, so with BLOCK_H 64 and 8 warps both
+# warp groups compute the same 64 x 64 scores; a dict: the split-scores variant, its keys
+# overriding SPLIT_DEFAULTS). Prediction (compile check, Triton 3.6 sm_90: spills 148 -> 54 words
+# on V32 s_q 2, 200 -> 92 on MODEL1 h128 extra; shared 190 KB both on V32, MODEL1 169 -> 205 KB):
+# the split variant halves the score dots' tensor time (QK is 53% of the FLOPs) and removes most
+# spills; ~10-20% faster on the V32 and MODEL1 h128 rows, less on MODEL1 h64. {"defer_sum":
+# False} isolates the deferred row sums (a cross-warp-group row sum per tile: a few %).
+SPARSE_VARIANTS = [None, {}, {"defer_sum": False}]
+# the bench's rows (torch_mla.bench.cases) with FlashMLA's README figures (us, H100)
+SPARSE_PUBLISHED = [201.7, 389.6, 107.1, 216.8, 3210.0]
+
+
+def _sparse_inputs(sp, dev, gen):
+    """The bench's sparse_decode inputs (torch_mla.bench.cases._sparse_decode) and its FlashMLA
+    call (None where flash_mla does not import)."""
+    from torch_mla.bench import cases
+
+    layout, b, s_q, h_q = sp["layout"], sp["b"], sp["s_q"], sp["h_q"]
+    d_qk = cases.LAYOUTS[layout].d
+    cache, idx, _ = cases._sparse_scope(gen, dev, layout, b, s_q, sp["s_k"], sp["topk"],  # noqa
+                                        sp["block_size"])
+    ecache = eidx = None
+    if sp.get("extra_topk"):
+        ecache, eidx, _ = cases._sparse_scope(gen, dev, layout, b, s_q, sp["extra_s_k"],  # noqa
+                                              sp["extra_topk"], sp["extra_block_size"])
+    q = cases._randn(gen, (b, s_q, h_q, d_qk), dev, scale=1.0)  # noqa: SLF001
+    scale = d_qk ** -0.5
+    total = sp["topk"] + (sp.get("extra_topk") or 0)
+    sched = torch_mla.decode_schedule(torch.full((b,), total, dtype=torch.int32, device=dev),
+                                      h_q=h_q)
+    args = dict(q=q, cache=cache, idx=idx, ecache=ecache, eidx=eidx, scale=scale, sched=sched)
+    flash = None
+    try:
+        import flash_mla as mod
+        meta = mod.get_mla_metadata()[0]
+        flash = lambda: mod.flash_mla_with_kvcache(  # noqa: E731
+            q, cache, None, None, 512, meta, None, softmax_scale=scale, is_fp8_kvcache=True,
+            indices=idx, extra_k_cache=ecache, extra_indices_in_kvcache=eidx)
+    except Exception as e:  # noqa: BLE001 - the published figure stands in
+        args["flash_why"] = f"{type(e).__name__}: {str(e)[:100]}"
+    return args, flash
+
+
+def _sparse_call(a, sel=None):
+    q, idx, eidx, sched = a["q"], a["idx"], a["eidx"], a["sched"]
+    if sel is not None:
+        q, idx, sched = q[sel], idx[sel], None
+        eidx = eidx[sel] if eidx is not None else None
+    return torch_mla.sparse_decode(q, a["cache"], idx, extra_k_cache=a["ecache"],
+                                   extra_indices=eidx, d_v=512, sm_scale=a["scale"],
+                                   schedule=sched)
+
+
+def _sparse_check(a):
+    """Max relative error of out and abs error of lse against the reference backend on the
+    first and the last batch element (different parts of the schedule)."""
+    b = a["q"].shape[0]
+    sel = torch.tensor(sorted({0, b - 1}), device=a["q"].device)
+    with torch_mla.use_backend("triton"):
+        out, lse = _sparse_call(a)
+    with torch_mla.use_backend("reference"):
+        ref_out, ref_lse = _sparse_call(a, sel)
+    out, lse = out[sel].float(), lse[sel]
+    if out.isnan().any() or lse.isnan().any():
+        return "NaN"
+    err_o = ((out - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
+    err_l = (lse - ref_lse).abs().max().item()
+    ok = err_o < 2e-2 and err_l < 1e-3
+    return f"{'ok' if ok else 'WRONG'}({err_o:.0e},{err_l:.0e})"
+
+
+def sparse():
+    import json
+    import os
+    import time
+
+    import torch_mla.triton.sparse_decode as tsd
+    from torch_mla.bench import cases
+
+    t_start = time.time()
+    variants = SPARSE_VARIANTS
+    if os.environ.get("SPARSE_VARIANTS"):
+        variants = json.loads(os.environ["SPARSE_VARIANTS"])
+    rows = [c for c in cases.all_cases() if c.op == "sparse_decode"]
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    inputs, base = [], []
+    for c, published in zip(rows, SPARSE_PUBLISHED):
+        a, flash = _sparse_inputs(c.spec, dev, gen)
+        us = None
+        if flash is not None:
+            try:
+                us = _time(flash)
+            except Exception as e:  # noqa: BLE001 - the published figure stands in
+                print(f"flashmla {c.name}: {type(e).__name__}: {str(e)[:120]}")
+        elif "flash_why" in a:
+            print(f"flashmla not importable: {a['flash_why']}")
+        inputs.append(a)
+        base.append((us, "live") if us else (published, "published"))
+    names = [c.name.replace("sparse_decode ", "") for c in rows]
+    print(f"[inputs + FlashMLA: {time.time() - t_start:.0f}s]")
+    for n, (us, how) in zip(names, base):
+        print(f"FlashMLA {n:<45} {us:8.1f} us ({how})")
+    old = tsd.VARIANT
+    try:
+        for v in variants:
+            tsd.VARIANT = v
+            name = "chunked (old)" if v is None else "split " + json.dumps(
+                v, separators=(",", ":"))
+            t0 = time.time()
+            for n, a, (fl, _) in zip(names, inputs, base):
+                try:
+                    check = _sparse_check(a)
+                    with torch_mla.use_backend("triton"):
+                        us = _time(lambda: _sparse_call(a))
+                    cell = f"{us:8.1f} us {fl / us:4.2f}x {check}"
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    cell = f"{type(e).__name__}: {str(e)[:100]}"
+                print(f"{name:<34} {n:<45} {cell}", flush=True)
+            print(f"  [{name}: {time.time() - t0:.0f}s]", flush=True)
+    finally:
+        tsd.VARIANT = old
+    print(f"[total {time.time() - t_start:.0f}s]")
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:]:
-        {"topk": topk, "host": host, "sched": sched, "decode": decode}[what]()
+        {"topk": topk, "host": host, "sched": sched, "decode": decode,
+         "sparse": sparse}[what]()

@@ -79,12 +79,40 @@ and MODEL1 h_q=128 rows, 0.48x on MODEL1 h_q=64; the schedule's part count alone
 between 509 us (66 parts) and 591 (132) or 987 (33). Going further needs warp specialization
 (a producer warp group gathering and dequantizing into shared memory while the consumers run the
 wgmmas, as FlashMLA does), which the long-stable Triton API does not express.
+
+The split-scores variant (``VARIANT`` a dict; not the default until measured). In the kernel
+above the scores' dots feed the PV dots (through P), and Triton lays out such a dot with all
+warps along M: with BLOCK_H = 64 and 8 warps both warp groups compute the same 64 x 64 scores
+(TTGIR: the score dots have warpsPerCTA [8, 1], the PV dots [4, 2]), doubling the QK tensor work
+(53% of the FLOPs). The variant (``_tile_split``) dequantizes each tile as two 256-column value
+blocks (V32: [64, 2, 128] bytes times one f32 scale per 128 columns; MODEL1: [64, 4, 64] bytes
+times one ue8m0 scale per 64, its RoPE the last group of block b; reshaped to [64, 256] with no
+layout conversion) plus V32's 64 RoPE columns, computes one score dot per block from zero behind
+an always-true branch (``_qk_part``, dense_decode's trick: the scores get [4, 2], each warp
+group half of the keys, and P reaches the PV dots through shared memory), keeps per-thread
+running sums of P (one row sum at the end) and two [64, 256] accumulators. Compile check (Triton
+3.6, sm_90): spills 148 -> 54 words (V32 s_q 2), 200 -> 92 (MODEL1 h128 extra); shared memory
+190 KB -> 190 KB (V32), 169 KB -> 205 KB (MODEL1); 255 registers both. ``python3
+tools/gpu_tune.py sparse`` times both on the bench's rows; on the H100 (2026-11-25, CUDA-graph
+replay, FlashMLA live in the same run, each variant checked against the reference first):
+
+    row                                    chunked (default)    split {}           FlashMLA
+    V32 b=64 s_q=2 h_q=128 topk=2048       516.9 us  0.36x      346.2 us  0.54x    187.9 us
+    V32 b=128                             1027.6 us  0.36x      713.3 us  0.52x    371.1 us
+    MODEL1 h_q=64 topk=128 + extra 512     195.4 us  0.48x      162.0 us  0.58x     94.0 us
+    MODEL1 h_q=128 topk=128 + extra 1024   598.8 us  0.34x      495.5 us  0.42x    205.9 us
+    V32 b=148 topk=16384                  8771.6 us  0.35x     5796.2 us  0.53x   3069.9 us
+
+It stays off by default until tests/gpu/test_triton_sparse_decode.py has run on it (the device
+budget of the session that wrote it ran out first): then make ``{}`` the default.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import List
+import json
+import os
+from typing import List, Optional
 
 import torch
 import triton
@@ -208,6 +236,145 @@ def _tile(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m_new, l
 
 
+# ---------------------------------------------------------------------------------------------
+# the split-scores variant (VARIANT a dict; see the module docstring and VARIANT below)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _key_block(cache, base, sbase, valid, HALF: tl.constexpr, LAYOUT: tl.constexpr,
+               KT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Value columns [256 HALF, 256 HALF + 256) of the dequantized keys, [BLOCK_N, 256] in KT
+    (q's dtype); 0 where invalid (masked loads: the bytes of invalid tokens are never read).
+
+    Loaded as [BLOCK_N, groups, width] with one scale per (token, group), so the scale is a
+    broadcast rather than a per-element select, then reshaped (row-major: column = group * width
+    + c). V32: 2 groups of 128 e4m3 values, one f32 scale each (its RoPE is the tail,
+    _key_chunk C = 8). MODEL1: 4 groups of 64, one ue8m0 byte each; in HALF 1 the last group
+    (columns 448..511) is the bf16 RoPE."""
+    if LAYOUT == 0:
+        j = tl.arange(0, 2)
+        c = tl.arange(0, 128)
+        col = 256 * HALF + 128 * j[:, None] + c[None, :]  # [2, 128]
+        raw = tl.load(cache + base[:, None, None] + col[None, :, :], mask=valid[:, None, None],
+                      other=0)
+        sptr = (cache + base[:, None] + (512 + 8 * HALF + 4 * j)[None, :]).to(
+            tl.pointer_type(tl.float32))
+        scale = tl.load(sptr, mask=valid[:, None], other=0.0)  # [BLOCK_N, 2]
+        k = (raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(KT)
+        k = tl.reshape(k, (BLOCK_N, 256))
+    else:
+        j = tl.arange(0, 4)
+        c = tl.arange(0, 64)
+        col = 256 * HALF + 64 * j[:, None] + c[None, :]  # [4, 64]
+        if HALF == 0:
+            raw = tl.load(cache + base[:, None, None] + col[None, :, :],
+                          mask=valid[:, None, None], other=0)
+            e = tl.load(cache + sbase[:, None] + j[None, :], mask=valid[:, None],
+                        other=0).to(tl.int32)
+            scale = (e << 23).to(tl.float32, bitcast=True)  # 2 ** (byte - 127)
+            k = (raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(KT)
+        else:
+            nope = j < 3  # groups 0-2: e4m3 columns 256..447; group 3: the bf16 RoPE
+            raw = tl.load(cache + base[:, None, None] + col[None, :, :],
+                          mask=valid[:, None, None] & nope[None, :, None], other=0)
+            e = tl.load(cache + sbase[:, None] + (4 + j)[None, :],
+                        mask=valid[:, None] & nope[None, :], other=0).to(tl.int32)
+            scale = (e << 23).to(tl.float32, bitcast=True)
+            deq = (raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(KT)
+            rptr = (cache + base + 448).to(tl.pointer_type(tl.bfloat16))
+            rope = tl.load(rptr[:, None, None] + (c[None, :] + 0 * j[:, None])[None, :, :],
+                           mask=valid[:, None, None] & (j == 3)[None, :, None], other=0.0)
+            k = tl.where((j == 3)[None, :, None], rope.to(KT), deq)
+        k = tl.reshape(k, (BLOCK_N, 256))
+    return k
+
+
+@triton.jit
+def _qk_part(q, k, gate, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_S: tl.constexpr,
+             DOT_F32: tl.constexpr):
+    """q @ k^T from a zero accumulator. With SPLIT_S the dot sits behind a branch (``gate`` is
+    true wherever a tile runs): Triton lays out a dot whose result flows into another dot (here
+    the PV dots, through P) with all warps along M, so with BLOCK_H = 64 rows and 8 warps both
+    warp groups would compute the same 64 x BLOCK_N scores; behind a branch the result only
+    reaches the branch's yield, the scores get warps [4, 2] (each warp group half of the keys)
+    and the PV dots read P through shared memory. Both branches compute the dot (so the layout
+    pass cannot move P's conversion into a cheap branch). As in dense_decode._qk_part, which
+    found this."""
+    zero = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+    if SPLIT_S:
+        if gate:
+            s = _dot(q, tl.trans(k), zero, DOT_F32)
+        else:
+            s = _dot(q, tl.trans(k), zero, DOT_F32)
+    else:
+        s = _dot(q, tl.trans(k), zero, DOT_F32)
+    return s
+
+
+@triton.jit
+def _tile_split(acc_a, acc_b, m, l, q_a, q_b, q_t, gate,
+                idx_row, t0, length, cache, block_size, stride0, num_slots, scale_log2,
+                LAYOUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT_S: tl.constexpr, DEFER_SUM: tl.constexpr, DOT_F32: tl.constexpr):
+    """_tile with the keys as two 256-column value blocks (a, b) and, for V32, the 64 RoPE
+    columns (t); the scores are one dot per block from zero, summed (a dot accumulating into
+    another's result would chain them, see _qk_part). With DEFER_SUM, l is [BLOCK_H, BLOCK_N]:
+    per-thread running sums of P, summed over the keys once at the end (a per-tile row sum would
+    cross the two warp groups, each holding half of a row's keys)."""
+    KT = q_a.dtype
+    pos = t0 + tl.arange(0, BLOCK_N)
+    in_len = pos < length
+    ix = tl.load(idx_row + pos, mask=in_len, other=-1)
+    valid = in_len & (ix >= 0) & (ix < num_slots)
+    ix = tl.where(valid, ix, 0)
+    blk = ix // block_size
+    off = ix - blk * block_size
+    if LAYOUT == 0:
+        base = blk.to(tl.int64) * stride0 + off * 656
+        sbase = base
+    else:
+        base = blk.to(tl.int64) * stride0 + off * 576
+        sbase = blk.to(tl.int64) * stride0 + block_size * 576 + off * 8
+
+    k_a = _key_block(cache, base, sbase, valid, 0, LAYOUT, KT, BLOCK_N)
+    k_b = _key_block(cache, base, sbase, valid, 1, LAYOUT, KT, BLOCK_N)
+    s = _qk_part(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+    if SPLIT_S:
+        s = s + _qk_part(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+    else:
+        s = _dot(q_b, tl.trans(k_b), s, DOT_F32)
+    if LAYOUT == 0:
+        k_t = _key_chunk(cache, base, sbase, valid, 8, LAYOUT, KT)
+        if SPLIT_S:
+            s = s + _qk_part(q_t, k_t, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+        else:
+            s = _dot(q_t, tl.trans(k_t), s, DOT_F32)
+    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # Rows that have seen no valid key yet keep m = -inf: shift by 0 there (see _tile).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    if DEFER_SUM:
+        l = l * alpha[:, None] + p
+    else:
+        l = l * alpha + tl.sum(p, 1)
+    acc_a = acc_a * alpha[:, None]
+    acc_b = acc_b * alpha[:, None]
+    pb = p.to(KT)
+    acc_a = _dot(pb, k_a, acc_a, DOT_F32)
+    acc_b = _dot(pb, k_b, acc_b, DOT_F32)
+    return acc_a, acc_b, m_new, l
+
+
+@triton.jit
+def _store_block(ptr, acc, scale, d_v, C0: tl.constexpr):
+    cols = C0 + tl.arange(0, 256)
+    tl.store(ptr + cols[None, :], (acc * scale[:, None]).to(ptr.dtype.element_ty),
+             mask=cols[None, :] < d_v)
+
+
 @triton.jit
 def _store_chunk(ptr, acc, scale, d_v, C: tl.constexpr):
     cols = C * 64 + tl.arange(0, 64)
@@ -227,7 +394,8 @@ def _sparse_decode_kernel(
         b, s_q, h_q, d_v, scale_log2,
         LAYOUT: tl.constexpr, HAS_LEN: tl.constexpr, HAS_EXTRA: tl.constexpr,
         HAS_ELEN: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
+        SPLIT_S: tl.constexpr, DEFER_SUM: tl.constexpr):
     part = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, 64)
@@ -269,81 +437,139 @@ def _sparse_decode_kernel(
         e_lo = (tl.maximum(lo, nbm) - nbm) * sb
         e_hi = tl.minimum((tl.maximum(hi, nbm) - nbm) * sb, le)
         if (nsp > 0) & (split < n_ws):
-            for s in range(0, s_q):
-                qp = q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh + cols[None, :]
-                q0 = tl.load(qp)
-                q1 = tl.load(qp + 64)
-                q2 = tl.load(qp + 128)
-                q3 = tl.load(qp + 192)
-                q4 = tl.load(qp + 256)
-                q5 = tl.load(qp + 320)
-                q6 = tl.load(qp + 384)
-                q7 = tl.load(qp + 448)
-                if LAYOUT == 0:
-                    q8 = tl.load(qp + 512)
-                else:
-                    q8 = q7  # unused: MODEL1 has 8 chunks
-                acc0 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                acc1 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                acc2 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                acc3 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                acc4 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                acc5 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                acc6 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                acc7 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
-                m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-                l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            if SPLIT:
+                gate = hi > lo  # true wherever a tile runs (see _qk_part)
+                for s in range(0, s_q):
+                    qp = (q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh
+                          + tl.arange(0, 256)[None, :])
+                    q_a = tl.load(qp)
+                    q_b = tl.load(qp + 256)
+                    if LAYOUT == 0:
+                        q_t = tl.load(q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh
+                                      + 512 + cols[None, :])
+                    else:
+                        q_t = q_a  # unused: MODEL1's RoPE is in value block b
+                    acc_a = tl.zeros((BLOCK_H, 256), dtype=tl.float32)
+                    acc_b = tl.zeros((BLOCK_H, 256), dtype=tl.float32)
+                    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+                    if DEFER_SUM:
+                        l = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+                    else:
+                        l = tl.zeros((BLOCK_H,), dtype=tl.float32)
 
-                irow = idx + i * stride_ib + s * stride_is
-                for t0 in range(m_lo, m_hi, BLOCK_N):
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l = _tile(
-                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
-                        q0, q1, q2, q3, q4, q5, q6, q7, q8,
-                        irow, t0, m_hi, kc, kc_bs, kc_stride0, kc_slots, scale_log2,
-                        LAYOUT, BLOCK_H, BLOCK_N, DOT_F32)
-                if HAS_EXTRA:
-                    erow = eidx + i * stride_eb + s * stride_es
-                    for t0 in range(e_lo, e_hi, BLOCK_N):
+                    irow = idx + i * stride_ib + s * stride_is
+                    for t0 in range(m_lo, m_hi, BLOCK_N):
+                        acc_a, acc_b, m, l = _tile_split(
+                            acc_a, acc_b, m, l, q_a, q_b, q_t, gate,
+                            irow, t0, m_hi, kc, kc_bs, kc_stride0, kc_slots, scale_log2,
+                            LAYOUT, BLOCK_H, BLOCK_N, SPLIT_S, DEFER_SUM, DOT_F32)
+                    if HAS_EXTRA:
+                        erow = eidx + i * stride_eb + s * stride_es
+                        for t0 in range(e_lo, e_hi, BLOCK_N):
+                            acc_a, acc_b, m, l = _tile_split(
+                                acc_a, acc_b, m, l, q_a, q_b, q_t, gate,
+                                erow, t0, e_hi, ec, ec_bs, ec_stride0, ec_slots, scale_log2,
+                                LAYOUT, BLOCK_H, BLOCK_N, SPLIT_S, DEFER_SUM, DOT_F32)
+                    if DEFER_SUM:
+                        l = tl.sum(l, 1)
+
+                    has = l > 0
+                    inv = 1.0 / tl.where(has, l, 1.0)
+                    lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+                    if nsp == 1:
+                        # the only part of this batch element: finish here, no combine needed
+                        if HAS_SINK:
+                            sk = tl.load(sink + heads) * 1.4426950408889634
+                            inv = tl.where(has, inv / (1.0 + tl.exp2(sk - tl.where(has, lse2, 0.0))),
+                                           0.0)
+                        op = (out + i * stride_ob + s * stride_os
+                              + heads[:, None] * stride_oh)
+                        _store_block(op, acc_a, inv, d_v, 0)
+                        _store_block(op, acc_b, inv, d_v, 256)
+                        tl.store(lse_out + (i * h_q + heads) * s_q + s,
+                                 tl.where(has, lse2 * 0.6931471805599453, float("inf")))
+                    else:
+                        wrow = (split.to(tl.int64) * s_q + s) * h_q + heads
+                        wp = ws_o + wrow[:, None] * 512
+                        _store_block(wp, acc_a, inv, 512, 0)
+                        _store_block(wp, acc_b, inv, 512, 256)
+                        tl.store(ws_lse + wrow, lse2)
+            else:
+                for s in range(0, s_q):
+                    qp = q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh + cols[None, :]
+                    q0 = tl.load(qp)
+                    q1 = tl.load(qp + 64)
+                    q2 = tl.load(qp + 128)
+                    q3 = tl.load(qp + 192)
+                    q4 = tl.load(qp + 256)
+                    q5 = tl.load(qp + 320)
+                    q6 = tl.load(qp + 384)
+                    q7 = tl.load(qp + 448)
+                    if LAYOUT == 0:
+                        q8 = tl.load(qp + 512)
+                    else:
+                        q8 = q7  # unused: MODEL1 has 8 chunks
+                    acc0 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    acc1 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    acc2 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    acc3 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    acc4 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    acc5 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    acc6 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    acc7 = tl.zeros((BLOCK_H, 64), dtype=tl.float32)
+                    m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+                    l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+
+                    irow = idx + i * stride_ib + s * stride_is
+                    for t0 in range(m_lo, m_hi, BLOCK_N):
                         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l = _tile(
                             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
                             q0, q1, q2, q3, q4, q5, q6, q7, q8,
-                            erow, t0, e_hi, ec, ec_bs, ec_stride0, ec_slots, scale_log2,
+                            irow, t0, m_hi, kc, kc_bs, kc_stride0, kc_slots, scale_log2,
                             LAYOUT, BLOCK_H, BLOCK_N, DOT_F32)
+                    if HAS_EXTRA:
+                        erow = eidx + i * stride_eb + s * stride_es
+                        for t0 in range(e_lo, e_hi, BLOCK_N):
+                            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l = _tile(
+                                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
+                                q0, q1, q2, q3, q4, q5, q6, q7, q8,
+                                erow, t0, e_hi, ec, ec_bs, ec_stride0, ec_slots, scale_log2,
+                                LAYOUT, BLOCK_H, BLOCK_N, DOT_F32)
 
-                has = l > 0
-                inv = 1.0 / tl.where(has, l, 1.0)
-                lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
-                if nsp == 1:
-                    # the only part of this batch element: finish here, no combine needed
-                    if HAS_SINK:
-                        sk = tl.load(sink + heads) * 1.4426950408889634
-                        # 1 / (1 + exp(sink - lse)); rows without keys are 0 (acc is 0 there)
-                        inv = tl.where(has, inv / (1.0 + tl.exp2(sk - tl.where(has, lse2, 0.0))),
-                                       0.0)
-                    op = (out + i * stride_ob + s * stride_os
-                          + heads[:, None] * stride_oh)
-                    _store_chunk(op, acc0, inv, d_v, 0)
-                    _store_chunk(op, acc1, inv, d_v, 1)
-                    _store_chunk(op, acc2, inv, d_v, 2)
-                    _store_chunk(op, acc3, inv, d_v, 3)
-                    _store_chunk(op, acc4, inv, d_v, 4)
-                    _store_chunk(op, acc5, inv, d_v, 5)
-                    _store_chunk(op, acc6, inv, d_v, 6)
-                    _store_chunk(op, acc7, inv, d_v, 7)
-                    tl.store(lse_out + (i * h_q + heads) * s_q + s,
-                             tl.where(has, lse2 * 0.6931471805599453, float("inf")))
-                else:
-                    wrow = (split.to(tl.int64) * s_q + s) * h_q + heads
-                    wp = ws_o + wrow[:, None] * 512
-                    _store_chunk(wp, acc0, inv, 512, 0)
-                    _store_chunk(wp, acc1, inv, 512, 1)
-                    _store_chunk(wp, acc2, inv, 512, 2)
-                    _store_chunk(wp, acc3, inv, 512, 3)
-                    _store_chunk(wp, acc4, inv, 512, 4)
-                    _store_chunk(wp, acc5, inv, 512, 5)
-                    _store_chunk(wp, acc6, inv, 512, 6)
-                    _store_chunk(wp, acc7, inv, 512, 7)
-                    tl.store(ws_lse + wrow, lse2)
+                    has = l > 0
+                    inv = 1.0 / tl.where(has, l, 1.0)
+                    lse2 = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+                    if nsp == 1:
+                        # the only part of this batch element: finish here, no combine needed
+                        if HAS_SINK:
+                            sk = tl.load(sink + heads) * 1.4426950408889634
+                            # 1 / (1 + exp(sink - lse)); rows without keys are 0 (acc is 0 there)
+                            inv = tl.where(has, inv / (1.0 + tl.exp2(sk - tl.where(has, lse2, 0.0))),
+                                           0.0)
+                        op = (out + i * stride_ob + s * stride_os
+                              + heads[:, None] * stride_oh)
+                        _store_chunk(op, acc0, inv, d_v, 0)
+                        _store_chunk(op, acc1, inv, d_v, 1)
+                        _store_chunk(op, acc2, inv, d_v, 2)
+                        _store_chunk(op, acc3, inv, d_v, 3)
+                        _store_chunk(op, acc4, inv, d_v, 4)
+                        _store_chunk(op, acc5, inv, d_v, 5)
+                        _store_chunk(op, acc6, inv, d_v, 6)
+                        _store_chunk(op, acc7, inv, d_v, 7)
+                        tl.store(lse_out + (i * h_q + heads) * s_q + s,
+                                 tl.where(has, lse2 * 0.6931471805599453, float("inf")))
+                    else:
+                        wrow = (split.to(tl.int64) * s_q + s) * h_q + heads
+                        wp = ws_o + wrow[:, None] * 512
+                        _store_chunk(wp, acc0, inv, 512, 0)
+                        _store_chunk(wp, acc1, inv, 512, 1)
+                        _store_chunk(wp, acc2, inv, 512, 2)
+                        _store_chunk(wp, acc3, inv, 512, 3)
+                        _store_chunk(wp, acc4, inv, 512, 4)
+                        _store_chunk(wp, acc5, inv, 512, 5)
+                        _store_chunk(wp, acc6, inv, 512, 6)
+                        _store_chunk(wp, acc7, inv, 512, 7)
+                        tl.store(ws_lse + wrow, lse2)
 
 
 @triton.jit
@@ -397,11 +623,39 @@ def _block_h(h_q: int) -> int:
 # Tuning knobs (module attributes so that a tuning script can change them).
 _TUNE = {"block_n": 64, "num_stages": 2, "ctas_per_sm": 1}
 
+# Which main kernel body runs (read per call). None: the chunked kernel (nine / eight 64-column
+# key chunks, the scores' dots chained into the PV dots, so with BLOCK_H 64 and 8 warps both
+# warp groups compute the same scores; _tile). A dict: the split-scores variant (_tile_split:
+# keys as two 256-column value blocks + V32's RoPE tail, each score dot behind a branch so each
+# warp group computes half of the keys, see _qk_part), its keys overriding SPLIT_DEFAULTS:
+#   split_s    the score dots behind branches (False: chained, duplicated as in the old kernel)
+#   defer_sum  per-thread running sums of P, one row sum at the end
+#   block_n, num_warps, num_stages   for BLOCK_H 64 (BLOCK_H 32 / 16: 32 keys, 4 warps)
+# TORCH_MLA_SPARSE_DECODE_VARIANT (JSON, read at import) sets it for a whole process, e.g.
+# '{}' (the split variant's defaults) or 'chunks' (the chunked kernel).
+VARIANT: Optional[dict] = None
+_env_variant = os.environ.get("TORCH_MLA_SPARSE_DECODE_VARIANT", "").strip()
+if _env_variant:
+    VARIANT = None if _env_variant.lower() in ("chunks", "none", "null") \
+        else json.loads(_env_variant)
+SPLIT_DEFAULTS = dict(split_s=True, defer_sum=True, block_n=64, num_warps=8, num_stages=2)
+
 
 def _config(block_h: int):
+    """(block_n, num_warps, num_stages, split kwargs for the main kernel)."""
+    if VARIANT is not None:
+        v = dict(SPLIT_DEFAULTS, **VARIANT)
+        extra = dict(SPLIT=True, SPLIT_S=bool(v["split_s"]), DEFER_SUM=bool(v["defer_sum"]))
+        if block_h == 64:
+            return v["block_n"], v["num_warps"], v["num_stages"], extra
+        return 32, 4, v["num_stages"], extra
     if block_h == 64:
-        return _TUNE["block_n"], 8, _TUNE["num_stages"]
-    return 32, 4, _TUNE["num_stages"]
+        return _TUNE["block_n"], 8, _TUNE["num_stages"], _NO_SPLIT
+    return 32, 4, _TUNE["num_stages"], _NO_SPLIT
+
+
+# the chunked kernel (every kernel parameter is passed: direct relaunches need all of them)
+_NO_SPLIT = dict(SPLIT=False, SPLIT_S=False, DEFER_SUM=False)
 
 
 def _num_parts(device: torch.device, head_blocks: int) -> int:
@@ -527,7 +781,7 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
             sink = attn_sink.to(_F32).contiguous() if convert_sink else attn_sink
         else:
             sink = lse
-        block_n, num_warps, num_stages = _config(block_h)
+        block_n, num_warps, num_stages, split_kw = _config(block_h)
         if index is not None and index != _current_device():
             guard = torch.cuda.device(index)
         else:
@@ -545,7 +799,7 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
                 b, s_q, h_q, d_v, float(sm_scale) * _LOG2E,
                 LAYOUT=layout_id, HAS_LEN=has_len, HAS_EXTRA=has_extra, HAS_ELEN=has_elen,
                 HAS_SINK=has_sink, BLOCK_H=block_h, BLOCK_N=block_n,
-                DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages)
+                DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages, **split_kw)
             if _TUNE.get("debug"):  # tuning scripts read registers / spills / shared memory
                 _TUNE["last_kernel"] = kern
             # Always launched: whether any batch element has 0 or >= 2 splits is known only on
