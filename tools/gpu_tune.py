@@ -219,6 +219,12 @@ def _decode_check(q, cache, table, seqlens, sched, causal, scale):
         ref_out, ref_lse = torch_mla.dense_decode(q[idx], cache, table[idx], seqlens[idx],
                                                   d_v=512, sm_scale=scale, causal=causal)
     out, lse = out[idx].float(), lse[idx]
+    return _verdict(out, lse, ref_out, ref_lse)
+
+
+def _verdict(out, lse, ref_out, ref_lse) -> str:
+    """ok / WRONG (max error of out relative to the reference's largest value, max lse error),
+    or NaN."""
     if out.isnan().any() or lse.isnan().any():
         return "NaN"
     err_o = ((out - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
@@ -372,12 +378,7 @@ def _sparse_check(a):
     with torch_mla.use_backend("reference"):
         ref_out, ref_lse = _sparse_call(a, sel)
     out, lse = out[sel].float(), lse[sel]
-    if out.isnan().any() or lse.isnan().any():
-        return "NaN"
-    err_o = ((out - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
-    err_l = (lse - ref_lse).abs().max().item()
-    ok = err_o < 2e-2 and err_l < 1e-3
-    return f"{'ok' if ok else 'WRONG'}({err_o:.0e},{err_l:.0e})"
+    return _verdict(out, lse, ref_out, ref_lse)
 
 
 def sparse():
