@@ -172,15 +172,11 @@ def _key_chunk(cache, base, sbase, valid, C: tl.constexpr, LAYOUT: tl.constexpr,
 
 
 @triton.jit
-def _tile(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
-          q0, q1, q2, q3, q4, q5, q6, q7, q8,
-          idx_row, t0, length, cache, block_size, stride0, num_slots, scale_log2,
-          LAYOUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-          DOT_F32: tl.constexpr):
-    """Online-softmax step over positions [t0, t0 + BLOCK_N) of one key set of one query row;
-    positions at or past ``length`` (the end of this part's range of the set, never past its
-    topk_length) are skipped like invalid indices."""
-    KT = q0.dtype
+def _token_rows(idx_row, t0, length, block_size, stride0, num_slots, LAYOUT: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """For positions [t0, t0 + BLOCK_N) of one key set: which tokens are valid (in the length,
+    index in [0, num_slots)), the byte offset of each token's row in the cache (0 for invalid
+    ones, never read) and of its scales (V32: the row itself; MODEL1: the block's scale array)."""
     pos = t0 + tl.arange(0, BLOCK_N)
     in_len = pos < length
     ix = tl.load(idx_row + pos, mask=in_len, other=-1)
@@ -194,6 +190,21 @@ def _tile(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
     else:
         base = blk.to(tl.int64) * stride0 + off * 576
         sbase = blk.to(tl.int64) * stride0 + block_size * 576 + off * 8
+    return valid, base, sbase
+
+
+@triton.jit
+def _tile(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
+          q0, q1, q2, q3, q4, q5, q6, q7, q8,
+          idx_row, t0, length, cache, block_size, stride0, num_slots, scale_log2,
+          LAYOUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+          DOT_F32: tl.constexpr):
+    """Online-softmax step over positions [t0, t0 + BLOCK_N) of one key set of one query row;
+    positions at or past ``length`` (the end of this part's range of the set, never past its
+    topk_length) are skipped like invalid indices."""
+    KT = q0.dtype
+    valid, base, sbase = _token_rows(idx_row, t0, length, block_size, stride0, num_slots, LAYOUT,
+                                     BLOCK_N)
 
     k0 = _key_chunk(cache, base, sbase, valid, 0, LAYOUT, KT)
     k1 = _key_chunk(cache, base, sbase, valid, 1, LAYOUT, KT)
@@ -322,19 +333,8 @@ def _tile_split(acc_a, acc_b, m, l, q_a, q_b, q_t, gate,
     per-thread running sums of P, summed over the keys once at the end (a per-tile row sum would
     cross the two warp groups, each holding half of a row's keys)."""
     KT = q_a.dtype
-    pos = t0 + tl.arange(0, BLOCK_N)
-    in_len = pos < length
-    ix = tl.load(idx_row + pos, mask=in_len, other=-1)
-    valid = in_len & (ix >= 0) & (ix < num_slots)
-    ix = tl.where(valid, ix, 0)
-    blk = ix // block_size
-    off = ix - blk * block_size
-    if LAYOUT == 0:
-        base = blk.to(tl.int64) * stride0 + off * 656
-        sbase = base
-    else:
-        base = blk.to(tl.int64) * stride0 + off * 576
-        sbase = blk.to(tl.int64) * stride0 + block_size * 576 + off * 8
+    valid, base, sbase = _token_rows(idx_row, t0, length, block_size, stride0, num_slots, LAYOUT,
+                                     BLOCK_N)
 
     k_a = _key_block(cache, base, sbase, valid, 0, LAYOUT, KT, BLOCK_N)
     k_b = _key_block(cache, base, sbase, valid, 1, LAYOUT, KT, BLOCK_N)
