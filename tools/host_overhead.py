@@ -181,8 +181,8 @@ def simulate_cuda(recorder: LaunchRecorder, verified: bool = False, native=None)
             patch(nsd, "_current_device", lambda: 0)  # asked for CUDA tensors only
         elif native:  # older trees: torch.cuda.current_stream(dev).cuda_stream
             patch(torch.cuda, "current_stream", lambda device=None: _STREAM)
-    if hasattr(_dispatch, "clear_cache"):
-        _dispatch.clear_cache()
+    if hasattr(_dispatch, "invalidate"):  # (older trees cache nothing)
+        _dispatch.invalidate()
     try:
         yield recorder
     finally:
@@ -193,8 +193,8 @@ def simulate_cuda(recorder: LaunchRecorder, verified: bool = False, native=None)
                 obj[name] = value
             else:
                 setattr(obj, name, value)
-        if hasattr(_dispatch, "clear_cache"):
-            _dispatch.clear_cache()
+        if hasattr(_dispatch, "invalidate"):
+            _dispatch.invalidate()
 
 
 class _Stream:

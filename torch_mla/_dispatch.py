@@ -46,9 +46,6 @@ def invalidate() -> None:
         cache.clear()
 
 
-clear_cache = invalidate  # the name tools/host_overhead.py (and users patching state) call
-
-
 def register_cache(cache: dict) -> dict:
     _CACHES.append(cache)
     return cache
