@@ -273,8 +273,9 @@ def test_supports_reasons():
 
 
 # ---------------------------------------------------------------------------------------------
-# the split-scores variant (VARIANT a dict: _tile_split, 256-column value blocks, split scores,
-# deferred row sums) on the corner cases above
+# the split-scores variant (VARIANT a dict, the default: _tile_split, 256-column value blocks,
+# split scores, deferred row sums) and the chunked kernel (VARIANT None, still selectable) on the
+# corner cases above
 # ---------------------------------------------------------------------------------------------
 
 _SPLIT_CASES = {
@@ -310,19 +311,23 @@ _SPLIT_CASES = {
 }
 
 
-# the defaults on every case; the other settings (scores chained into the PV dots, per-tile row
-# sums) on a few
+# the split variant's defaults and the chunked kernel on every case; the split variant's other
+# settings (scores chained into the PV dots, per-tile row sums) on a few
 _SPLIT_RUNS = ([(name, {}) for name in _SPLIT_CASES]
+               + [(name, None) for name in _SPLIT_CASES]
                + [(name, {"split_s": False, "defer_sum": False})
                   for name in ("model1-tail", "v32-extra-parts3", "model1-extra-bn40")])
 
 
-@pytest.mark.parametrize("name,variant", _SPLIT_RUNS,
-                         ids=[f"{n}-{'default' if not v else 'chained-rowsum'}"
-                              for n, v in _SPLIT_RUNS])
+def _run_id(name, variant):
+    kind = "chunks" if variant is None else ("split" if not variant else "chained-rowsum")
+    return f"{name}-{kind}"
+
+
+@pytest.mark.parametrize("name,variant", _SPLIT_RUNS, ids=[_run_id(*r) for r in _SPLIT_RUNS])
 def test_split_variant(monkeypatch, name, variant):
     monkeypatch.setattr(TSD, "VARIANT", variant)
-    assert TSD._config(64)[3]["SPLIT"]  # noqa: SLF001
+    assert TSD._config(64, 0)[3]["SPLIT"] == (variant is not None)  # noqa: SLF001
     out, lse, lonely = run_case(**_SPLIT_CASES[name])
     if name in ("v32-all-invalid", "model1-zero-lengths"):
         assert torch.all(lonely) and torch.all(out == 0) and torch.all(lse == math.inf)

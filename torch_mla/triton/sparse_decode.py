@@ -80,31 +80,35 @@ between 509 us (66 parts) and 591 (132) or 987 (33). Going further needs warp sp
 (a producer warp group gathering and dequantizing into shared memory while the consumers run the
 wgmmas, as FlashMLA does), which the long-stable Triton API does not express.
 
-The split-scores variant (``VARIANT`` a dict; not the default until measured). In the kernel
-above the scores' dots feed the PV dots (through P), and Triton lays out such a dot with all
-warps along M: with BLOCK_H = 64 and 8 warps both warp groups compute the same 64 x 64 scores
-(TTGIR: the score dots have warpsPerCTA [8, 1], the PV dots [4, 2]), doubling the QK tensor work
-(53% of the FLOPs). The variant (``_tile_split``) dequantizes each tile as two 256-column value
-blocks (V32: [64, 2, 128] bytes times one f32 scale per 128 columns; MODEL1: [64, 4, 64] bytes
-times one ue8m0 scale per 64, its RoPE the last group of block b; reshaped to [64, 256] with no
-layout conversion) plus V32's 64 RoPE columns, computes one score dot per block from zero behind
-an always-true branch (``_qk_part``, dense_decode's trick: the scores get [4, 2], each warp
-group half of the keys, and P reaches the PV dots through shared memory), keeps per-thread
-running sums of P (one row sum at the end) and two [64, 256] accumulators. Compile check (Triton
-3.6, sm_90): spills 148 -> 54 words (V32 s_q 2), 200 -> 92 (MODEL1 h128 extra); shared memory
-190 KB -> 190 KB (V32), 169 KB -> 205 KB (MODEL1); 255 registers both. ``python3
-tools/gpu_tune.py sparse`` times both on the bench's rows; on the H100 (2026-11-25, CUDA-graph
-replay, FlashMLA live in the same run, each variant checked against the reference first):
+The split-scores variant (``VARIANT`` a dict; the default since 2026-11-25, sixth session). In
+the chunked kernel above the scores' dots feed the PV dots (through P), and Triton lays out such
+a dot with all warps along M: with BLOCK_H = 64 and 8 warps both warp groups compute the same
+64 x 64 scores (TTGIR: the score dots have warpsPerCTA [8, 1], the PV dots [4, 2]), doubling the
+QK tensor work (53% of the FLOPs). The variant (``_tile_split``) dequantizes each tile as two
+256-column value blocks (V32: [64, 2, 128] bytes times one f32 scale per 128 columns; MODEL1:
+[64, 4, 64] bytes times one ue8m0 scale per 64, its RoPE the last group of block b; reshaped to
+[64, 256] with no layout conversion) plus V32's 64 RoPE columns, computes one score dot per
+block from zero behind an always-true branch (``_qk_part``, dense_decode's trick: the scores get
+[4, 2], each warp group half of the keys, and P reaches the PV dots through shared memory), keeps
+per-thread running sums of P (one row sum at the end) and two [64, 256] accumulators. Compile
+check (Triton 3.6, sm_90, two stages): spills 148 -> 54 words (V32 s_q 2), 200 -> 92 (MODEL1
+h128 extra); shared memory 190 KB -> 190 KB (V32), 169 KB -> 205 KB (MODEL1); 255 registers
+both. ``python3 tools/gpu_tune.py sparse`` times the variants on the bench's rows; on the H100
+(2026-11-25, CUDA-graph replay, FlashMLA live in the same run, each variant checked against the
+reference first; us and x FlashMLA):
 
-    row                                    chunked (default)    split {}           FlashMLA
-    V32 b=64 s_q=2 h_q=128 topk=2048       516.9 us  0.36x      346.2 us  0.54x    187.9 us
-    V32 b=128                             1027.6 us  0.36x      713.3 us  0.52x    371.1 us
-    MODEL1 h_q=64 topk=128 + extra 512     195.4 us  0.48x      162.0 us  0.58x     94.0 us
-    MODEL1 h_q=128 topk=128 + extra 1024   598.8 us  0.34x      495.5 us  0.42x    205.9 us
-    V32 b=148 topk=16384                  8771.6 us  0.35x     5796.2 us  0.53x   3069.9 us
+    row                                    chunked           split, 2 stages   split, default stages
+    V32 b=64 s_q=2 h_q=128 topk=2048       516.9  0.36x      347.0  0.54x      337.6  0.55x  (3)
+    V32 b=128                             1027.6  0.36x      715.1  0.51x      693.9  0.53x  (3)
+    MODEL1 h_q=64 topk=128 + extra 512     195.4  0.48x      160.4  0.59x      132.3  0.71x  (1)
+    MODEL1 h_q=128 topk=128 + extra 1024   598.8  0.34x      491.0  0.42x      435.1  0.47x  (1)
+    V32 b=148 topk=16384                  8771.6  0.35x     5759.6  0.53x     5639.6  0.54x  (3)
 
-It stays off by default until tests/gpu/test_triton_sparse_decode.py has run on it (the device
-budget of the session that wrote it ran out first): then make ``{}`` the default.
+(chunked: an earlier run of the same day; FlashMLA 186-188 / 366-371 / 94 / 206-207 /
+3066-3070 us in both.) The stages per layout are ``SPLIT_STAGES``.
+tests/gpu/test_triton_sparse_decode.py passed on the split variant with two stages (20/20, H100,
+2026-11-25). What still limits MODEL1 h_q = 128: its keys are dequantized once per 64-head
+block, i.e. twice, where FlashMLA's crossover shares one dequantization between the two halves.
 """
 
 from __future__ import annotations
@@ -627,24 +631,32 @@ _TUNE = {"block_n": 64, "num_stages": 2, "ctas_per_sm": 1}
 # key chunks, the scores' dots chained into the PV dots, so with BLOCK_H 64 and 8 warps both
 # warp groups compute the same scores; _tile). A dict: the split-scores variant (_tile_split:
 # keys as two 256-column value blocks + V32's RoPE tail, each score dot behind a branch so each
-# warp group computes half of the keys, see _qk_part), its keys overriding SPLIT_DEFAULTS:
+# warp group computes half of the keys, see _qk_part; the default), its keys overriding
+# SPLIT_DEFAULTS and SPLIT_STAGES:
 #   split_s    the score dots behind branches (False: chained, duplicated as in the old kernel)
 #   defer_sum  per-thread running sums of P, one row sum at the end
 #   block_n, num_warps, num_stages   for BLOCK_H 64 (BLOCK_H 32 / 16: 32 keys, 4 warps)
 # TORCH_MLA_SPARSE_DECODE_VARIANT (JSON, read at import) sets it for a whole process, e.g.
 # '{}' (the split variant's defaults) or 'chunks' (the chunked kernel).
-VARIANT: Optional[dict] = None
+VARIANT: Optional[dict] = {}
 _env_variant = os.environ.get("TORCH_MLA_SPARSE_DECODE_VARIANT", "").strip()
 if _env_variant:
     VARIANT = None if _env_variant.lower() in ("chunks", "none", "null") \
         else json.loads(_env_variant)
-SPLIT_DEFAULTS = dict(split_s=True, defer_sum=True, block_n=64, num_warps=8, num_stages=2)
+SPLIT_DEFAULTS = dict(split_s=True, defer_sum=True, block_n=64, num_warps=8)
+# Pipeline stages of the split variant per layout, unless VARIANT names num_stages. H100,
+# 2026-11-25, tools/gpu_tune.py sparse (us, stages 1 / 2 / 3): V32 b=64 369 / 347 / 338, b=128
+# 774 / 715 / 694, b=148 topk 16384 6201 / 5760 / 5640; MODEL1 h_q=64 + extra 512
+# 132 / 160 / 165, h_q=128 + extra 1024 435 / 491 / 504. MODEL1's tiles are short (one
+# schedule block of 64 keys per set and part at these shapes), so a deeper pipeline only
+# adds its prologue.
+SPLIT_STAGES = (3, 1)  # by layout_id: V32, MODEL1
 
 
-def _config(block_h: int):
+def _config(block_h: int, layout_id: int):
     """(block_n, num_warps, num_stages, split kwargs for the main kernel)."""
     if VARIANT is not None:
-        v = dict(SPLIT_DEFAULTS, **VARIANT)
+        v = dict(SPLIT_DEFAULTS, num_stages=SPLIT_STAGES[layout_id], **VARIANT)
         extra = dict(SPLIT=True, SPLIT_S=bool(v["split_s"]), DEFER_SUM=bool(v["defer_sum"]))
         if block_h == 64:
             return v["block_n"], v["num_warps"], v["num_stages"], extra
@@ -781,7 +793,7 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
             sink = attn_sink.to(_F32).contiguous() if convert_sink else attn_sink
         else:
             sink = lse
-        block_n, num_warps, num_stages, split_kw = _config(block_h)
+        block_n, num_warps, num_stages, split_kw = _config(block_h, layout_id)
         if index is not None and index != _current_device():
             guard = torch.cuda.device(index)
         else:
