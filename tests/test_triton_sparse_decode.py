@@ -315,7 +315,7 @@ _SPLIT_CASES = {
 # settings (scores chained into the PV dots, per-tile row sums) on a few
 _SPLIT_RUNS = ([(name, {}) for name in _SPLIT_CASES]
                + [(name, None) for name in _SPLIT_CASES]
-               + [(name, {"split_s": False, "defer_sum": False})
+               + [(name, {"split_s": False, "defer_sum": False, "num_stages": 2})
                   for name in ("model1-tail", "v32-extra-parts3", "model1-extra-bn40")])
 
 
@@ -327,7 +327,11 @@ def _run_id(name, variant):
 @pytest.mark.parametrize("name,variant", _SPLIT_RUNS, ids=[_run_id(*r) for r in _SPLIT_RUNS])
 def test_split_variant(monkeypatch, name, variant):
     monkeypatch.setattr(TSD, "VARIANT", variant)
-    assert TSD._config(64, 0)[3]["SPLIT"] == (variant is not None)  # noqa: SLF001
+    for layout_id in (0, 1):
+        block_n, _, stages, kw = TSD._config(64, layout_id)  # noqa: SLF001
+        assert kw["SPLIT"] == (variant is not None)
+        if variant:  # a stage count the variant names wins over the per-layout default
+            assert stages == variant.get("num_stages", TSD.SPLIT_STAGES[layout_id])
     out, lse, lonely = run_case(**_SPLIT_CASES[name])
     if name in ("v32-all-invalid", "model1-zero-lengths"):
         assert torch.all(lonely) and torch.all(out == 0) and torch.all(lse == math.inf)

@@ -656,7 +656,8 @@ SPLIT_STAGES = (3, 1)  # by layout_id: V32, MODEL1
 def _config(block_h: int, layout_id: int):
     """(block_n, num_warps, num_stages, split kwargs for the main kernel)."""
     if VARIANT is not None:
-        v = dict(SPLIT_DEFAULTS, num_stages=SPLIT_STAGES[layout_id], **VARIANT)
+        v = dict(SPLIT_DEFAULTS, num_stages=SPLIT_STAGES[layout_id])
+        v.update(VARIANT)
         extra = dict(SPLIT=True, SPLIT_S=bool(v["split_s"]), DEFER_SUM=bool(v["defer_sum"]))
         if block_h == 64:
             return v["block_n"], v["num_warps"], v["num_stages"], extra
