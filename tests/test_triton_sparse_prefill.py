@@ -172,9 +172,55 @@ def test_kernel_options(monkeypatch, option, value):
     check_backward(g, e, args)
 
 
+# The split-scores forward (FWD_VARIANT a dict, _fwd_split_kernel): the knobs that change its
+# body, each on the corner cases of the other tests (invalid and duplicated indices, a query with
+# no valid key, topk_length below 0 / 0 / past topk, infinite sinks, NaN in unused rows).
+FWD_VARIANTS = [
+    pytest.param({}, id="split"),
+    pytest.param({"defer_sum": False, "split_v": False}, id="split_rowsum_onev"),
+    pytest.param({"tau": 8.0}, id="split_lazy"),
+    pytest.param({"tau": 0.5, "defer_sum": False}, id="split_lazy_tight_rowsum"),
+    pytest.param({"split_s": False}, id="fromzero_chained"),
+]
+
+
+@pytest.mark.parametrize("variant", FWD_VARIANTS)
+@pytest.mark.parametrize("shape", [
+    # s_q, s_kv, h_q, h_kv, d_qk, d_v, topk, dtype, sink, use_len
+    pytest.param((4, 40, 16, 1, 48, 32, 70, torch.bfloat16, "inf", True), id="tail_topk_inf_sink"),
+    pytest.param((3, 30, 24, 1, 32, 24, 40, torch.float16, "finite", True), id="padded_h24_fp16"),
+    pytest.param((3, 64, 16, 1, 576, 512, 80, torch.bfloat16, "inf", True), id="d576_v512"),
+])
+def test_forward_variants_match_reference(monkeypatch, variant, shape):
+    from torch_mla.triton import sparse_prefill as mod
+    monkeypatch.setattr(mod, "FWD_VARIANT", variant)
+    s_q, s_kv, h_q, h_kv, d_qk, d_v, topk, dtype, sink, use_len = shape
+    args = make_case(s_q, s_kv, h_q, h_kv, d_qk, d_v, topk, dtype=dtype, sink=sink,
+                     use_len=use_len)
+    got, exp = forward_both(args)
+    check_forward(got, exp, dtype)
+
+
+def test_forward_variant_big_scores_lazy_rescale(monkeypatch):
+    # Lazy rescaling keeps a stale shift while the max grows by <= tau: logits spread over a
+    # wide range (scaled q) make both the kept and the moved shift happen; max_logits must still
+    # be the true max.
+    from torch_mla.triton import sparse_prefill as mod
+    monkeypatch.setattr(mod, "FWD_VARIANT", {"tau": 4.0})
+    q, kv, idx, scale, d_v, sink, lens = make_case(3, 50, 16, 1, 48, 32, 96, sink="finite",
+                                                   use_len=True)
+    q = (q.float() * 6).to(q.dtype)
+    got, exp = forward_both((q, kv, idx, scale, d_v, sink, lens))
+    check_forward(got, exp, torch.bfloat16)
+
+
 @pytest.mark.parametrize("how", ["negative", "out_of_range", "zero_length"])
 @pytest.mark.parametrize("sink", [None, "inf"])
-def test_all_invalid(how, sink):
+@pytest.mark.parametrize("variant", [None, {}, {"tau": 8.0}], ids=["default", "split",
+                                                                   "split_lazy"])
+def test_all_invalid(monkeypatch, how, sink, variant):
+    from torch_mla.triton import sparse_prefill as mod
+    monkeypatch.setattr(mod, "FWD_VARIANT", variant)
     s_q, s_kv, h_q, h_kv, d_qk, d_v, topk = 3, 10, 16, 2, 32, 16, 20
     q = torch.randn(s_q, h_q, d_qk, dtype=torch.bfloat16)
     kv = torch.full((s_kv, h_kv, d_qk), float("nan"), dtype=torch.bfloat16)  # nothing may be read

@@ -4,6 +4,18 @@ reference. `--sanitize` runs one variant at a reduced shape under compute-saniti
 
     python tools/diag_sparse_prefill.py                 # all variants, one process each
     python tools/diag_sparse_prefill.py --variant bwd   # one, in this process
+    python tools/diag_sparse_prefill.py --time-fwd      # forward candidates: check, then time
+    python tools/diag_sparse_prefill.py --time-fwd default split --dims 576
+    TRITON_INTERPRET=1 python tools/diag_sparse_prefill.py --time-fwd --dry   # CPU, tiny shapes
+
+--time-fwd: for each FWD_CANDIDATES entry (sparse_prefill.FWD_VARIANT), in one process, at the
+benchmark's shape (s_q 4096, h_q 128, h_kv 1, d_v 512, topk 2048, s_kv 32768 or $DIAG_S_KV, one
+randperm row set per query, no sink / lengths), d_qk 576 and 512: the output and lse of the
+timed launch's first --check-sq queries against the reference backend, a corner case (s_q 64,
+sink with +-inf, topk_length, invalid and duplicated indices) against the reference, then the
+median of triton.testing.do_bench; then FlashMLA's flash_mla_sparse_fwd on the same inputs where
+``import flash_mla`` works. One process per d_qk; a CUDA fault (sticky) ends it, and the
+candidates after the faulting one go on in a fresh one.
 """
 
 import argparse
@@ -52,6 +64,25 @@ BWD_CANDIDATES = {
 }
 
 
+# Forward candidates: settings of sparse_prefill.FWD_VARIANT (None: the default kernel; a dict:
+# the split-scores kernel, its keys over FWD_SPLIT_DEFAULTS). Compile figures per candidate:
+# tools/triton_compile_check.py --only prefill --prefill-fwd all --dots
+FWD_CANDIDATES = {
+    "default": None,
+    "split": {},
+    "split_sum": {"defer_sum": False},
+    "split_onev": {"split_v": False},
+    "split_s3": {"num_stages": 3},
+    "split_n64_s1": {"block_n": 64, "num_stages": 1},
+    "split_n64_s2": {"block_n": 64, "num_stages": 2},
+    "split_n64_onev": {"block_n": 64, "split_v": False},
+    "split_n64_sum": {"block_n": 64, "defer_sum": False},
+    "split_lazy": {"tau": 8.0},
+    "split_n64_lazy": {"block_n": 64, "tau": 8.0},
+    "fromzero_chained": {"split_s": False},
+}
+
+
 class _NoLaunch:
     """Stands in for a kernel: [grid](...) launches nothing (times the other phase alone)."""
 
@@ -68,6 +99,119 @@ VARIANTS = {
     "bwd_not_transposed_small": (False, {"BWD_DK_TRANSPOSED": False}),
 }
 VARIANTS.update({f"bwd_{k}": (False, v) for k, v in BWD_CANDIDATES.items()})
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def time_forward(names, d_qk, check_sq, dry, flashmla=True):
+    """See the module docstring (--time-fwd); one d_qk. Returns the names not run (after a CUDA
+    fault)."""
+    import time
+
+    import torch
+    import torch_mla
+    from torch_mla.triton import sparse_prefill as sp
+
+    dev = "cpu" if dry else "cuda"
+    if dry:  # the interpreter: tiny shapes, one timed call
+        s_q, h_q, d_v, topk, s_kv, check_sq = 4, 64, 512, 64, 256, min(check_sq, 2)
+    else:
+        s_q, h_q, d_v, topk = 4096, 128, 512, 2048
+        s_kv = int(os.environ.get("DIAG_S_KV", 32768))
+    cs = 64 if not dry else 3
+    print(f"forward d_qk {d_qk}, s_q {s_q} h_q {h_q} h_kv 1 d_v {d_v} topk {topk} s_kv {s_kv}; "
+          f"check: first {check_sq} queries vs reference + corner case (s_q {cs}, sink, "
+          "lengths)", flush=True)
+    flash_mla = None
+    if flashmla:
+        try:
+            import flash_mla
+        except Exception as e:  # noqa: BLE001 - timed only where the peer imports
+            print(f"flash_mla not importable ({type(e).__name__}: {e})", flush=True)
+
+    def bench(fn):
+        if dry:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+    todo = list(names)
+    if True:
+        torch.manual_seed(0)
+        q = torch.randn(s_q, h_q, d_qk, device=dev).bfloat16()
+        kv = torch.randn(s_kv, 1, d_qk, device=dev).bfloat16()
+        idx = torch.argsort(torch.rand(s_q, s_kv, device=dev), dim=1)[:, :topk]
+        idx = idx.int().view(s_q, 1, topk).contiguous()
+        scale = d_qk ** -0.5
+        args = (q, kv, idx, scale, d_v, None, None)
+        with torch_mla.use_backend("reference"):
+            ref = torch.ops.mla.sparse_prefill(q[:check_sq], kv, idx[:check_sq], scale, d_v,
+                                               None, None)
+        # corner case: sink with +-inf, lengths (negative, 0, past topk), invalid / duplicated
+        # indices, a query with nothing valid
+        cq = torch.randn(cs, h_q, d_qk, device=dev).bfloat16()
+        cidx = idx[:cs].clone()
+        bad = torch.rand(cidx.shape, device=dev) < 0.1
+        cidx = torch.where(bad, torch.where(torch.rand(cidx.shape, device=dev) < 0.5,
+                                            torch.full_like(cidx, -1),
+                                            torch.full_like(cidx, s_kv + 5)), cidx)
+        cidx[:, :, 1] = cidx[:, :, 0]
+        cidx[0] = -1
+        sink = torch.randn(h_q, device=dev)
+        sink[0], sink[-1] = float("inf"), float("-inf")
+        lens = torch.randint(0, topk + 1, (cs,), device=dev, dtype=torch.int32)
+        lens[1], lens[2] = -3, topk + 7
+        cargs = (cq, kv, cidx, scale, d_v, sink, lens)
+        with torch_mla.use_backend("reference"):
+            cref = torch.ops.mla.sparse_prefill(*cargs)
+        flops = 2 * s_q * h_q * topk * (d_qk + d_v)
+        while todo:
+            name = todo.pop(0)
+            sp.FWD_VARIANT = None if FWD_CANDIDATES[name] is None else dict(FWD_CANDIDATES[name])
+            try:
+                with torch_mla.use_backend("triton"):
+                    out, ml, lse = torch.ops.mla.sparse_prefill(*args)
+                    if not dry:
+                        torch.cuda.synchronize()
+                    err = _rel(out[:check_sq], ref[0])
+                    fin = torch.isfinite(ref[2])
+                    dlse = (lse[:check_sq][fin] - ref[2][fin]).abs().max().item()
+                    dml = (ml[:check_sq][fin] - ref[1][fin]).abs().max().item()
+                    c = torch.ops.mla.sparse_prefill(*cargs)
+                    cfin = torch.isfinite(cref[2])
+                    cerr = _rel(c[0], cref[0])
+                    cok = (torch.equal(c[2] == float("inf"), cref[2] == float("inf"))
+                           and torch.equal(c[1] == float("-inf"), cref[1] == float("-inf"))
+                           and torch.isfinite(c[0]).all().item()
+                           and (c[2][cfin] - cref[2][cfin]).abs().max().item() < 1e-3
+                           and (c[1][cfin] - cref[1][cfin]).abs().max().item() < 1e-3)
+                    ok = err < 2e-2 and dlse < 1e-3 and dml < 1e-3 and cerr < 2e-2 and cok
+                    ms = bench(lambda: torch.ops.mla.sparse_prefill(*args))
+                print(f"fwd d_qk {d_qk} {name:<16} {'OK  ' if ok else 'BAD '} out rel {err:.1e} "
+                      f"lse {dlse:.1e} ml {dml:.1e} corner {cerr:.1e}{'' if cok else ' (stats!)'}"
+                      f" | {ms * 1e3:9.1f} us {flops / ms / 1e9:6.1f} TFLOPS", flush=True)
+            except Exception as e:  # noqa: BLE001 - report, go on (or restart after a fault)
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                print(f"fwd d_qk {d_qk} {name:<16} FAIL {msg}", flush=True)
+                if not dry and ("CUDA" in msg or "illegal" in msg or "cuda" in msg):
+                    return todo
+        sp.FWD_VARIANT = None
+        if flash_mla is not None:
+            try:
+                fn = lambda: flash_mla.flash_mla_sparse_fwd(q, kv, idx, scale, d_v)
+                fo = fn()
+                err = _rel(fo[0][:check_sq], ref[0])
+                ms = bench(fn)
+                print(f"fwd d_qk {d_qk} {'FlashMLA':<16} out rel {err:.1e} | {ms * 1e3:9.1f} us "
+                      f"{flops / ms / 1e9:6.1f} TFLOPS", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"fwd d_qk {d_qk} FlashMLA FAIL {type(e).__name__}: {e}", flush=True)
+    return []
 
 
 def time_backward(settings_name):
@@ -158,7 +302,41 @@ def main():
     ap.add_argument("--time-one")
     ap.add_argument("--sanitize", help="variant to run under compute-sanitizer (reduced shape)")
     ap.add_argument("--time", nargs="*", help="time the backward: default and/or candidates")
+    ap.add_argument("--time-fwd", nargs="*", help="check and time forward candidates "
+                    "(FWD_CANDIDATES keys; default: all)")
+    ap.add_argument("--dims", type=int, nargs="*", default=[576, 512], help="d_qk for --time-fwd")
+    ap.add_argument("--check-sq", type=int, default=1024,
+                    help="--time-fwd: queries compared with the reference")
+    ap.add_argument("--dry", action="store_true", help="--time-fwd on the CPU at tiny shapes "
+                    "(needs TRITON_INTERPRET=1): checks that the script runs")
+    ap.add_argument("--fwd-child", type=int, help=argparse.SUPPRESS)  # one d_qk, this process
+    ap.add_argument("--no-flashmla", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.time_fwd is not None:
+        names = a.time_fwd or list(FWD_CANDIDATES)
+        unknown = [n for n in names if n not in FWD_CANDIDATES]
+        if unknown:
+            ap.error(f"unknown forward candidates {unknown}; known: {list(FWD_CANDIDATES)}")
+        if a.fwd_child is not None:
+            left = time_forward(names, a.fwd_child, a.check_sq, a.dry, not a.no_flashmla)
+            if left:
+                print("FAULT-LEFT " + " ".join(left), flush=True)
+                sys.exit(3)
+            return
+        for d_qk in a.dims:
+            todo = names
+            while todo:
+                cmd = [sys.executable, __file__, "--time-fwd", *todo, "--fwd-child", str(d_qk),
+                       "--check-sq", str(a.check_sq)] + (["--dry"] if a.dry else []) + \
+                    (["--no-flashmla"] if a.no_flashmla else [])
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                print((r.stdout + (r.stderr[-3000:] if r.returncode else "")).rstrip(),
+                      flush=True)
+                left = [ln for ln in r.stdout.splitlines() if ln.startswith("FAULT-LEFT")]
+                todo = left[0].split()[1:] if r.returncode == 3 and left else []
+                if todo:  # a CUDA fault: the rest (and FlashMLA) in a fresh process
+                    print(f"restarting for {todo}", flush=True)
+        return
     if a.time is not None:
         for name in a.time or ["default"] + list(BWD_CANDIDATES):
             r = subprocess.run([sys.executable, __file__, "--time-one", name],

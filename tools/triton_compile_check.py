@@ -52,6 +52,10 @@ Usage::
     python tools/triton_compile_check.py --triton-path /tmp/triton36 --only 'dense_attn|topk'
     python tools/triton_compile_check.py --list                # the launches, no compiling
     python tools/triton_compile_check.py --json out.json       # + machine-readable results
+    python tools/triton_compile_check.py --only prefill --prefill-fwd all --dots
+        # + the sparse_prefill forward candidates of tools/diag_sparse_prefill.py (FWD_CANDIDATES)
+        # at the production shapes, and the TTGIR layout of every dot (warps per CTA, whether
+        # the A operand comes from registers or shared memory, wgmma instruction shape)
 
 Exit status: 0 when every case ran and every launch compiled with shared memory within the
 limit; 1 otherwise (a compile error, shared > limit, or a case whose host code raised); 2 for
@@ -85,6 +89,11 @@ def _parse_args(argv=None):
     p.add_argument("--fresh", action="store_true",
                    help="ignore Triton's compile cache (TRITON_ALWAYS_COMPILE=1)")
     p.add_argument("--verbose", "-v", action="store_true", help="full error texts")
+    p.add_argument("--dots", action="store_true",
+                   help="print the TTGIR layout of each launch's dots (warpsPerCTA, operands)")
+    p.add_argument("--prefill-fwd", metavar="NAMES",
+                   help="also capture the sparse_prefill forward candidates NAMES (comma-separated "
+                   "keys of tools/diag_sparse_prefill.py FWD_CANDIDATES, or 'all')")
     return p.parse_args(argv)
 
 
@@ -504,6 +513,36 @@ case("dense_attn_scores h128 d576", _attn_scores, "dense", False)
 case("dense_attn_scores h128 d576 windows", _attn_scores, "dense", True)
 
 
+# the sparse_prefill forward candidates (FWD_VARIANT settings) named in tools/
+# diag_sparse_prefill.py, forward only, at the production shapes; added by --prefill-fwd
+def _sparse_prefill_fwd_variant(variant, h_q, d_qk, d_v, sink=False, lens=False, s_q=2,
+                                s_kv=8192, topk=2048):
+    import torch_mla.triton.sparse_prefill as sp
+    old = sp.FWD_VARIANT
+    sp.FWD_VARIANT = variant
+    try:
+        q = _z(s_q, h_q, d_qk)
+        idx = torch.randint(0, s_kv, (s_q, 1, topk), dtype=I32)
+        mla.sparse_prefill(q, _z(s_kv, 1, d_qk), idx, d_qk ** -0.5, d_v,
+                           torch.zeros(h_q, dtype=F32) if sink else None,
+                           torch.full((s_q,), topk, dtype=I32) if lens else None)
+    finally:
+        sp.FWD_VARIANT = old
+
+
+def add_prefill_fwd_cases(names: str):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from diag_sparse_prefill import FWD_CANDIDATES
+    wanted = list(FWD_CANDIDATES) if names == "all" else names.split(",")
+    for name in wanted:
+        var = FWD_CANDIDATES[name]
+        for h in (128, 64):
+            case(f"sparse_prefill fwd {name} d576/512 h{h}", _sparse_prefill_fwd_variant, var, h,
+                 576, 512)
+            case(f"sparse_prefill fwd {name} d512/512 h{h} sink+lens", _sparse_prefill_fwd_variant,
+                 var, h, 512, 512, sink=True, lens=True)
+
+
 def _launched_kernels() -> Dict[str, List[str]]:
     """module -> names of its @triton.jit functions that the module's host code launches
     (``name[grid](...)`` or ``launch(name, ...)`` appears in its source)."""
@@ -621,6 +660,34 @@ def resource_usage(cubin: bytes, ptx: Optional[str]) -> dict:
     return dict(regs=None, local=None, via=None)
 
 
+def dot_layouts(ttgir: Optional[str]) -> List[str]:
+    """One line per dot of the TTGIR: M x N x K, where A and B come from (registers / shared
+    memory), the MMA layout's warpsPerCTA and instruction shape."""
+    if not ttgir:
+        return []
+    aliases = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<\{.*\}>)\s*$", ttgir, re.M))
+    out = []
+    for line in ttgir.splitlines():
+        m = re.search(r"= (ttng\.warp_group_dot|tt\.dot) [^{:]*(?:\{[^}]*\})?\s*: (.*?) -> "
+                      r"tensor<(\d+)x(\d+)x\w+, "
+                      r"(#[\w.]+(?:<\{.*?\}>)?)>", line)
+        if not m:
+            continue
+        a_type, b_type = m.group(2).split(" * ", 1)
+        k = re.search(r"<(\d+)x(\d+)x", a_type)
+        lay = aliases.get(m.group(5), m.group(5))
+        warps = re.search(r"warpsPerCTA = \[([\d, ]+)\]", lay)
+        instr = re.search(r"instrShape = \[([\d, ]+)\]", lay)
+
+        def src(t):
+            return "smem" if t.lstrip().startswith("!ttg.memdesc") else "regs"
+        out.append(f"{m.group(3)}x{m.group(4)}x{k.group(2) if k else '?'} "
+                   f"A:{src(a_type)} B:{src(b_type)} "
+                   f"warps[{warps.group(1).replace(' ', '') if warps else '?'}] "
+                   f"instr[{instr.group(1).replace(' ', '') if instr else '?'}]")
+    return out
+
+
 def _error_summary(e: BaseException) -> str:
     text = str(e).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -649,6 +716,7 @@ def compile_launch(ln: Launch, shared_limit: int) -> dict:
                num_stages=md.num_stages, seconds=None)
     asm = k.asm
     res.update(resource_usage(asm.get("cubin", b""), asm.get("ptx")))
+    res["dots"] = dot_layouts(asm.get("ttgir"))
     res["spills"] = None if res["local"] is None else res["local"] // 4
     res["shared_ok"] = res["shared"] <= shared_limit
     res["seconds"] = time.time() - t0
@@ -770,7 +838,8 @@ def _status(res: dict, limit: int) -> str:
     return "ok"
 
 
-def report(launches: List[Launch], errors: Dict[str, str], limit: int, verbose: bool) -> int:
+def report(launches: List[Launch], errors: Dict[str, str], limit: int, verbose: bool,
+           dots: bool = False) -> int:
     """Print the table and the problems; returns the number of problems."""
     ver = triton.__version__
     rows = []
@@ -797,6 +866,14 @@ def report(launches: List[Launch], errors: Dict[str, str], limit: int, verbose: 
         print(f"{i:>3}  {ln.case:<{cw}}  {ln.kernel:<{kw}}  {ver:<6}  {st:<14} {shared:>7} "
               f"{regs:>4} {spills:>6}  {ln.config()}{dup}")
     print()
+    if dots:
+        print("Dots (TTGIR; M x N x K, operand sources, warpsPerCTA, wgmma instrShape):")
+        for i, ln, r in rows:
+            if ln.same_as is None and r["ok"] and r.get("dots"):
+                print(f"  #{i} {ln.kernel} [{ln.case}]")
+                for d in r["dots"]:
+                    print(f"      {d}")
+        print()
     failures = 0
     problems = [(i, ln, r) for i, ln, r in rows if _status(r, limit) != "ok"]
     if problems or errors:
@@ -841,6 +918,8 @@ def main(args) -> int:
     import torch_mla  # noqa: F401  (after TRITON_INTERPRET is gone)
     for note in patch_torch_mla(args.sms):
         print("note:", note)
+    if args.prefill_fwd:
+        add_prefill_fwd_cases(args.prefill_fwd)
     launches, errors, ops_run = capture_cases(args.only)
     print(f"captured {len(launches)} launches ({len({l.uid for l in launches})} distinct) in "
           f"{len({l.case for l in launches})} cases in {time.time() - t_start:.1f}s")
@@ -864,7 +943,7 @@ def main(args) -> int:
     jobs = args.jobs or min(8, os.cpu_count() or 1)
     compile_all(launches, jobs, args.shared_limit, args.timeout)
     print()
-    failures = report(launches, errors, args.shared_limit, args.verbose)
+    failures = report(launches, errors, args.shared_limit, args.verbose, args.dots)
     total = time.time() - t_start
     if args.json:
         out = dict(triton=triton.__version__, target=str(TARGET), shared_limit=args.shared_limit,

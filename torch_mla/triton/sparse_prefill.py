@@ -95,11 +95,40 @@ atomics (19.3 GB at s_q 4096, topk 2048). Not tried on a GPU: covering d_qk 576 
 second-phase launch (4 programs of 128 value + 16 RoPE columns, or 3 of 128 + 64) instead of 4
 programs of 128 and a launch for the 64 RoPE columns; Triton 3.6 compiled the two with 22 / 54
 spilled registers a thread (written and checked on the CPU, then dropped untimed).
+
+The split-scores forward (``FWD_VARIANT`` a dict, ``_fwd_split_kernel``; off by default, not yet
+timed on a GPU). In _fwd_kernel the QK^T dots feed the PV dot (through P), and Triton 3.6 lays
+out such a dot with all warps along M: TTGIR (tools/triton_compile_check.py --dots) shows the
+score dots with warpsPerCTA [8, 1] (64 x 32 with 8 warps: both warp groups compute the same
+scores, i.e. the QK work, 53% of the FLOPs at d_qk 576, is done twice) and the PV dot [4, 2].
+The variant computes each score dot from zero behind an always-true branch (_qk; the trick of
+sparse_decode's split variant), so the scores get [4, 2] (each warp group half of the keys) and
+P reaches the PV dots through shared memory; with ``split_v`` the values are two 256-column
+halves (two gathers, two [64, 256] accumulators), with ``defer_sum`` the row sums of P are kept
+per thread and reduced once, with ``tau`` the rescale is lazy (see _fwd_split_kernel). Compile
+check (Triton 3.6, sm_90, 64 heads a program; h_q 64 and 128 compile identically), d_qk 576 /
+d_qk 512 with sink + lengths: shared memory in KB, registers, spilled words a thread:
+    default (_fwd_kernel) n32 s2       144 / 128   255 / 255   0 / 0    QK [8,1], PV [4,2]
+    split {} (n32 s2)                  144 / 132   254 / 255   0 / 4    all dots [4,2]
+    split_v off                        144 / 132   254 / 255   0 / 8
+    defer_sum off                      144 / 132   255 / 255   8 / 0
+    num_stages 3                       180 / 164   255 / 255   0 / 6
+    block_n 64, num_stages 1           144 / 136   255 / 255   28 / 20
+    block_n 64, num_stages 2           216 / 200   255 / 255   10 / 6
+    block_n 64, defer_sum off          216 / 200   255 / 255   6 / 0
+    block_n 64, split_v off            216 / 200   255 / 255   44 / 48
+    tau 8 (n32)                        144 / 132   255 / 255   20 / 16
+    tau 8, block_n 64                  216 / 200   255 / 255   78 / 54
+With BLOCK_N 32 each warp group's score wgmma is 16 keys wide (instrShape [16, 16, 16]) and
+re-reads all of Q from shared memory; BLOCK_N 64 doubles that width. The named candidates are
+tools/diag_sparse_prefill.py's FWD_CANDIDATES; ``--time-fwd`` checks and times them.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import json
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -156,6 +185,27 @@ BWD_ATOMIC_SEM = "relaxed"
 PREFETCH_IDX = True
 BWD_PREFETCH_IDX = False  # the fused backward kernel
 BWD_DS_PREFETCH_IDX = True  # the two-phase backward's first phase (9.05 vs 9.47 ms on the H100)
+
+# Which forward kernel runs (read per call). None: _fwd_kernel with FWD_CONFIG (the scores' dots
+# chained into the PV dot, so at 64 heads on 8 warps both warp groups compute the same scores).
+# A dict: _fwd_split_kernel (the scores as dots from zero behind a branch, each warp group half
+# of the keys; see _qk), its keys overriding FWD_SPLIT_DEFAULTS:
+#   split_s    the score dots behind branches (False: plain dots from zero, laid out as chained)
+#   split_v    the values (and Q's first d_v columns) as two halves: two accumulators
+#   defer_sum  per-thread running sums of P, one row sum after the loop
+#   tau        > 0: lazy rescaling, the softmax shift moves only when a row's max grows by more
+#              than tau (log2 units; P <= 2**tau); 0: every block (see _fwd_split_kernel)
+#   block_n, num_warps, num_stages   for the "big" head blocks (64 heads, d_v > 128); the
+#              "small" ones keep FWD_CONFIG["small"]
+# TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT (JSON, read at import) sets it for a whole process, e.g.
+# '{}' (the split defaults) or '{"block_n": 64, "num_stages": 1}'.
+FWD_VARIANT: Optional[dict] = None
+_env_variant = os.environ.get("TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT", "").strip()
+if _env_variant:
+    FWD_VARIANT = None if _env_variant.lower() in ("default", "none", "null") \
+        else json.loads(_env_variant)
+FWD_SPLIT_DEFAULTS = dict(split_s=True, split_v=True, defer_sum=True, tau=0.0, block_n=32,
+                          num_warps=8, num_stages=2)
 
 MAX_D_V = 512
 MAX_D_TAIL = 128
@@ -256,6 +306,207 @@ def _fwd_kernel(
     else:
         tl.store(o_rows, out.to(OUT.dtype.element_ty),
                  mask=hmask[:, None] & (offs_v[None, :] < D_V))
+    tl.store(ML + pid_s * stride_ls + head, m_i * 0.6931471805599453, mask=hmask)
+    tl.store(LSE + pid_s * stride_ls + head, lse, mask=hmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# the split-scores forward (FWD_VARIANT a dict; see FWD_VARIANT below)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_cols(base, rows_ok, C0: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """[len(rows_ok), BLOCK] tile of ``base[:, C0:C0 + BLOCK]``; rows not ok and columns >= D
+    read as 0 and are never touched (the column mask only where the tile passes D)."""
+    offs = C0 + tl.arange(0, BLOCK)
+    if C0 + BLOCK <= D:
+        return tl.load(base + offs[None, :], mask=rows_ok[:, None], other=0.0)
+    else:
+        return tl.load(base + offs[None, :], mask=rows_ok[:, None] & (offs[None, :] < D),
+                       other=0.0)
+
+
+@triton.jit
+def _store_cols(base, x, rows_ok, C0: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    offs = C0 + tl.arange(0, BLOCK)
+    if C0 + BLOCK <= D:
+        tl.store(base + offs[None, :], x, mask=rows_ok[:, None])
+    else:
+        tl.store(base + offs[None, :], x, mask=rows_ok[:, None] & (offs[None, :] < D))
+
+
+@triton.jit
+def _qk(q, k, gate, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_S: tl.constexpr,
+        DOT_F32: tl.constexpr):
+    """q @ k^T from a zero accumulator. Triton lays out a dot whose result reaches another dot
+    (here the PV dots, through P; or a later dot accumulating onto it) with all warps along M:
+    with 64 rows and 8 warps both warp groups would compute the same 64 x BLOCK_N scores. With
+    SPLIT_S the dot sits behind a branch on ``gate`` (true wherever the loop runs), where its
+    result only reaches the branch's yield: the scores get warps [4, 2], each warp group half of
+    the keys, and P reaches the PV dots through shared memory. Both branches compute the dot, so
+    no pass can move work into a cheaper branch. (sparse_decode._qk_part, after
+    dense_decode, does the same.)"""
+    zero = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+    if SPLIT_S:
+        if gate:
+            s = _mm(q, tl.trans(k), zero, DOT_F32)
+        else:
+            s = _mm(q, tl.trans(k), zero, DOT_F32)
+    else:
+        s = _mm(q, tl.trans(k), zero, DOT_F32)
+    return s
+
+
+@triton.jit
+def _fwd_split_kernel(
+    Q, KV, IDX, LENS, SINK, OUT, ML, LSE,
+    stride_qs, stride_qh, stride_kvs, stride_kvh, stride_is, stride_ih,
+    stride_os, stride_oh, stride_ls,
+    s_kv, topk, group, scale_log2,
+    D_V: tl.constexpr, D_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr,
+    PREFETCH_IDX: tl.constexpr, SPLIT_S: tl.constexpr, SPLIT_V: tl.constexpr,
+    DEFER_SUM: tl.constexpr, TAU: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """_fwd_kernel with the scores computed as independent dots from zero (_qk) and, with
+    SPLIT_V, the values in two halves of BLOCK_DV / 2 columns (two gathers, two score dots, two
+    PV dots, two accumulators). With DEFER_SUM, l is [BLOCK_H, BLOCK_N]: per-thread running sums
+    of P, reduced over the keys once after the loop (a per-block row sum would cross the two
+    warp groups, each holding half of a row's keys).
+
+    TAU > 0: lazy rescaling. The running max m_i (the shift of the exponentials) moves only when
+    some row's block max exceeds it by more than TAU (log2 units; one decision for the whole
+    program), so most blocks skip the rescale of the accumulators (128 multiplies a thread at
+    64 heads on 8 warps); P is then at most 2**TAU, out = acc / l and lse = m_i + log2(l) stay
+    exact, and max_logits comes from a separate true running max."""
+    HALF: tl.constexpr = BLOCK_DV // 2
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1).to(tl.int64)
+    n_hblk = tl.cdiv(group, BLOCK_H)
+    kvh = pid_h // n_hblk
+    offs_g = (pid_h % n_hblk) * BLOCK_H + tl.arange(0, BLOCK_H)  # head within its kv group
+    hmask = offs_g < group
+    head = kvh * group + offs_g
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_rows = Q + pid_s * stride_qs + head[:, None] * stride_qh
+    if SPLIT_V:
+        q_a = _load_cols(q_rows, hmask, 0, D_V, HALF)
+        q_b = _load_cols(q_rows, hmask, HALF, D_V, HALF)
+    else:
+        q_a = _load_cols(q_rows, hmask, 0, D_V, BLOCK_DV)
+    if HAS_TAIL:
+        qt = _load_cols(q_rows + D_V, hmask, 0, D_T, BLOCK_DT)
+
+    n_keys = topk
+    if HAS_LEN:
+        n_keys = tl.maximum(tl.minimum(tl.load(LENS + pid_s), topk), 0)
+    gate = n_keys > 0  # true in every iteration of the loop (see _qk)
+    idx_row = IDX + pid_s * stride_is + kvh * stride_ih
+    kv_head = KV + kvh * stride_kvh
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    if TAU > 0:
+        m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    if DEFER_SUM:
+        l_i = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+    if SPLIT_V:
+        acc_a = tl.zeros([BLOCK_H, HALF], tl.float32)
+        acc_b = tl.zeros([BLOCK_H, HALF], tl.float32)
+    else:
+        acc_a = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if PREFETCH_IDX:
+        idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
+    for start in range(0, n_keys, BLOCK_N):
+        pos = start + offs_n
+        in_len = pos < n_keys
+        if PREFETCH_IDX:
+            idx = idx_next
+            idx_next = tl.load(idx_row + pos + BLOCK_N, mask=pos + BLOCK_N < n_keys, other=-1)
+        else:
+            idx = tl.load(idx_row + pos, mask=in_len, other=-1)
+        valid = in_len & (idx >= 0) & (idx < s_kv)
+        k_rows = kv_head + idx.to(tl.int64)[:, None] * stride_kvs
+        if SPLIT_V:
+            k_a = _load_cols(k_rows, valid, 0, D_V, HALF)  # also the values
+            k_b = _load_cols(k_rows, valid, HALF, D_V, HALF)
+            s = _qk(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+            s += _qk(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+        else:
+            k_a = _load_cols(k_rows, valid, 0, D_V, BLOCK_DV)
+            s = _qk(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+        if HAS_TAIL:
+            kt = _load_cols(k_rows + D_V, valid, 0, D_T, BLOCK_DT)
+            s += _qk(qt, kt, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_blk = tl.max(s, 1)
+        m_new = tl.maximum(m_i, m_blk)
+        if TAU > 0:
+            m_max = tl.maximum(m_max, m_blk)
+            # how far each row's max moved (from -inf to a first valid key: ~3e38, a rescale;
+            # the finite floor keeps -inf - -inf = NaN out)
+            grow = m_new - tl.maximum(m_i, -3.0e38)
+            if tl.max(grow, 0) > TAU:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                if DEFER_SUM:
+                    l_i = l_i * alpha[:, None]
+                else:
+                    l_i = l_i * alpha
+                acc_a = acc_a * alpha[:, None]
+                if SPLIT_V:
+                    acc_b = acc_b * alpha[:, None]
+                m_i = m_new
+            m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.exp2(s - m_use[:, None])
+            if DEFER_SUM:
+                l_i = l_i + p
+            else:
+                l_i = l_i + tl.sum(p, 1)
+            pb = p.to(k_a.dtype)
+            acc_a = _mm(pb, k_a, acc_a, DOT_F32)
+            if SPLIT_V:
+                acc_b = _mm(pb, k_b, acc_b, DOT_F32)
+        else:
+            # Rows that have seen no valid key keep m = -inf: shift by 0 there (see
+            # _fwd_kernel).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            if DEFER_SUM:
+                l_i = l_i * alpha[:, None] + p
+            else:
+                l_i = l_i * alpha + tl.sum(p, 1)
+            pb = p.to(k_a.dtype)
+            acc_a = _mm(pb, k_a, acc_a * alpha[:, None], DOT_F32)
+            if SPLIT_V:
+                acc_b = _mm(pb, k_b, acc_b * alpha[:, None], DOT_F32)
+            m_i = m_new
+
+    if DEFER_SUM:
+        l_i = tl.sum(l_i, 1)
+    has_key = l_i > 0.0  # the max key alone contributes exp2(0) = 1
+    l_safe = tl.where(has_key, l_i, 1.0)
+    inv = 1.0 / l_safe
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
+    if HAS_SINK:
+        sink = tl.load(SINK + head, mask=hmask, other=0.0).to(tl.float32)
+        # sigmoid(lse - sink), rows with no key at lse 0 (see _fwd_kernel)
+        lse_f = tl.where(has_key, lse, 0.0)
+        inv = inv / (1.0 + tl.exp2((sink - lse_f) * 1.4426950408889634))
+    o_rows = OUT + pid_s * stride_os + head[:, None] * stride_oh
+    if SPLIT_V:
+        _store_cols(o_rows, (acc_a * inv[:, None]).to(OUT.dtype.element_ty), hmask, 0, D_V, HALF)
+        _store_cols(o_rows, (acc_b * inv[:, None]).to(OUT.dtype.element_ty), hmask, HALF, D_V,
+                    HALF)
+    else:
+        _store_cols(o_rows, (acc_a * inv[:, None]).to(OUT.dtype.element_ty), hmask, 0, D_V,
+                    BLOCK_DV)
+    if TAU > 0:
+        m_i = m_max
     tl.store(ML + pid_s * stride_ls + head, m_i * 0.6931471805599453, mask=hmask)
     tl.store(LSE + pid_s * stride_ls + head, lse, mask=hmask)
 
@@ -507,8 +758,17 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=No
         return out, max_logits, lse
     group, block_h, d_t, block_dv, block_dt, size = _blocks(q, kv, d_v)
     block_n, num_warps, num_stages = FWD_CONFIG[size]
+    kernel, extra = _fwd_kernel, {}
+    if FWD_VARIANT is not None:
+        v = dict(FWD_SPLIT_DEFAULTS, **FWD_VARIANT)
+        if size == "big":
+            block_n, num_warps, num_stages = v["block_n"], v["num_warps"], v["num_stages"]
+        kernel = _fwd_split_kernel
+        # halves narrower than 16 columns would not make a dot
+        extra = dict(SPLIT_S=bool(v["split_s"]), SPLIT_V=bool(v["split_v"]) and block_dv >= 32,
+                     DEFER_SUM=bool(v["defer_sum"]), TAU=float(v["tau"]))
     grid = (h_kv * triton.cdiv(group, block_h), s_q)
-    _fwd_kernel[grid](
+    kernel[grid](
         q, kv, indices, topk_length if topk_length is not None else indices,
         attn_sink if attn_sink is not None else q, out, max_logits, lse,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
@@ -517,6 +777,7 @@ def sparse_prefill(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=No
         D_V=d_v, D_T=d_t, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DT=block_dt,
         HAS_TAIL=d_t > 0, HAS_LEN=topk_length is not None, HAS_SINK=attn_sink is not None,
         PREFETCH_IDX=PREFETCH_IDX, DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages,
+        **extra,
     )
     return out, max_logits, lse
 
