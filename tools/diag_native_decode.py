@@ -2,8 +2,10 @@
 replay, as the bench) on the serial kernel, FlashMLA, and the wgmma kernel (the default) under each
 profiling probe (TORCH_MLA_NATIVE_DECODE_PROBE, csrc/common/sparse_decode.h: 1 no producer
 loads, 2 no dequantization, 16 producer writes nothing, i.e. the consumers alone, 32 no
-crossover, 64 one CTA slot a job (several waves); results are wrong under probes 1, 2 and 16,
-only the time means something), for each schedule part count asked for (default: the bench's).
+crossover, 64 one CTA slot a job (several waves), 128 no copies to the peer, 256 no NoPE
+stores, 1024 the consumers skip their math, i.e. the producer alone; bits combine, e.g. 1025 =
+the producer alone without its loads; results are wrong under all but 32 and 64, only the time
+means something), for each schedule part count asked for (default: the bench's).
 
     python tools/diag_native_decode.py ["V32 b=128"] [probes, e.g. 0,1,2,3,16] [parts, e.g. 66,33]
 """

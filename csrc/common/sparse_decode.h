@@ -45,7 +45,8 @@ struct SparseDecodeArgs {
   // Profiling only (TORCH_MLA_NATIVE_DECODE_PROBE, wgmma kernel), bits: 1 = the producer skips
   // its global loads, 2 = it skips the dequantization, 16 = it writes nothing (only the
   // handshakes: the consumers' time alone), 128 = no crossover copies to the peer, 256 = no NoPE
-  // stores -- results are wrong under these five; 32 = no crossover (no clusters), 64 = one CTA
+  // stores, 1024 = the consumers skip their math (only the handshakes: the producer's time
+  // alone) -- results are wrong under these six; 32 = no crossover (no clusters), 64 = one CTA
   // slot a job (several waves instead of one persistent wave) -- results stay exact under these
   // two (the GPU tests run with 32).
   int probe;

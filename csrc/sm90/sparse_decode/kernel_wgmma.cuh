@@ -622,6 +622,18 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
         const int st = it & 1;
         Barrier::wait(&full[st], (it >> 1) & 1);
         if constexpr (CROSS) Barrier::wait(&remote[st], (it >> 1) & 1);
+        if (a.probe & 1024) {  // profiling: the producer's time alone (uniform branch)
+          Barrier::wait(&full_hi[st], (it >> 1) & 1);
+          if constexpr (CROSS) {
+            Barrier::wait(&remote_hi[st], (it >> 1) & 1);
+            __syncwarp();
+            Barrier::arrive(&empty[st], 0u, lane == 0);
+            Barrier::arrive(&empty[st], 1u, lane == 0);
+          } else {
+            Barrier::arrive(&empty[st]);
+          }
+          continue;
+        }
         cbf16* kst = reinterpret_cast<cbf16*>(smem + P::kK + st * P::kTile);
 
         // ---- S = Q K^T for 64 heads x keys 32 w .. 32 w + 31 ----
