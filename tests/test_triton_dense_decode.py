@@ -150,6 +150,7 @@ PAGED = {
     "vblocks2_chained_pointers": dict(block_n=16, split_s=False, tma=False),
     "dv_split2_h128": dict(block_n=16, block_h=128, dv_split=2, split_s=False),
     "dv_split2_tma": dict(block_n=16, block_h=32, dv_split=2),
+    "part_group2": dict(block_n=16, part_group=2),  # two schedule parts per program
 }
 
 
@@ -189,6 +190,7 @@ def test_paged_variants(paged, s_q, causal):
     assert kw["DEFER_SUM"] == cfg.get("defer_sum", True)
     assert kw["SPLIT_S"] == cfg.get("split_s", True)
     assert kw["PREFETCH"] == 0  # never under the interpreter (no PTX to run)
+    assert kw["PART_GROUP"] == cfg.get("part_group", 1)
     # programs of a part next to each other on axis 0: kv heads x row blocks x value halves
     rows = 16 * s_q
     assert kw["grid"][0] == -(-rows // kw["BLOCK_H"]) * cfg.get("dv_split", 1)
@@ -245,3 +247,64 @@ def test_variant_from_environment():
     env["TORCH_MLA_DENSE_DECODE_VARIANT"] = "gather"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "None", out.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped parts (part_group): a program takes several consecutive schedule parts as one run of
+# keys. An element all of whose splits fall in one group is written straight to out (its first
+# workspace slot's lse set to +inf for the combine to skip it); one spread over several groups
+# gets one partial per group (the group's other slots: lse -inf, o never written).
+# ---------------------------------------------------------------------------------------------
+
+
+def _group_cover(sched, group):
+    """(elements with several splits all in one group, elements spread over several groups
+    with at least two splits in one): the two cases the grouped kernel handles specially."""
+    meta, ns = sched.metadata.tolist(), sched.num_splits.tolist()
+    b, per = len(ns) - 1, {}
+    for p, row in enumerate(meta):
+        for e in range(row[0], row[2] + 1) if row[0] < b else ():
+            if ns[e + 1] > ns[e]:
+                groups = per.setdefault(e, {})
+                groups[p // group] = groups.get(p // group, 0) + 1
+    whole = sum(len(g) == 1 and ns[e + 1] - ns[e] > 1 for e, g in per.items())
+    spread = sum(len(g) > 1 and max(g.values()) > 1 for e, g in per.items())
+    return whole, spread
+
+
+class _NaNEmpty:
+    """Stands in for the torch module inside dense_decode: floating tensors from torch.empty
+    (out, lse, the split workspace) start as NaN, so a slot read before it is written shows."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("group,s_q,causal,num_parts,block_n,bs", [
+    (2, 1, False, 11, 16, 16),
+    (2, 2, True, 40, 8, 64),
+    (3, 3, True, 11, 24, 16),
+    (3, 4, True, 16, 16, 32),
+    (0, 2, True, 40, 16, 16),  # auto: ceil(40 parts x 1 program / 8 CPU "SMs") = 5
+])
+def test_paged_part_groups(group, s_q, causal, num_parts, block_n, bs, monkeypatch):
+    monkeypatch.setattr(TD, "VARIANT", dict(block_n=16, part_group=group))
+    monkeypatch.setattr(TD, "torch", _NaNEmpty())
+    spy = _Spy(TD._decode_paged_kernel)
+    monkeypatch.setattr(TD, "_decode_paged_kernel", spy)
+    # 0: no keys; 1 (< s_q): early MTP queries see nothing; 300: many splits
+    q, cache, table, lens = make([300, 0, 65, 129, 1, 17], s_q, 16, 1, bs, 48,
+                                 seed=50 + s_q + num_parts)
+    sched = torch_mla.decode_schedule(lens, num_parts=num_parts, block_n=block_n)
+    run_check(q, cache, table, lens, 32, causal, schedule=sched)
+    kw = spy.calls[-1]
+    want = group or 5
+    assert kw["PART_GROUP"] == want and kw["grid"][1] == -(-num_parts // want)
+    if group:
+        whole, spread = _group_cover(sched, group)
+        assert whole >= 1 and spread >= 1, (whole, spread)

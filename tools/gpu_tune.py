@@ -179,9 +179,21 @@ def sched():
 #   combine [4, 4] / [16, 8]: the combine kernel (memory bound: 12-13 us at s_q=1, 29-30 at
 #     s_q=2 with the default [8, 4]) with more / fewer programs in flight; predicted within
 #     +-5 us (measured within 1 us).
+#   part_group 0 (auto: consecutive schedule parts merged per program until the grid is one
+#     program per SM). The bench's schedule (decode_schedule(h_q=128): 66 parts, blind to s_q)
+#     gives 66 x 2 = 132 programs at s_q=1 (auto: group 1, the default's SASS exactly) but 66 x
+#     4 = 264 at s_q=2: two waves, each program ~62 tiles (~1 element of 64: nearly every
+#     element split in two). FlashMLA's metadata, knowing s_q, makes 33 parts there (132 CTAs).
+#     Group 2: 132 programs of ~124 tiles; ~half the elements end inside one program (written
+#     straight to out in bf16, the combine skips them), so the combine reads ~42 instead of ~84
+#     MB (predicted 29-30 -> ~15 us) and the split kernel stores half the fp32 partials and
+#     runs one wave (fewer element prologues / epilogues per SM). Predicted at s_q=2: -15 to
+#     -30 us (~445-460 us, 0.47-0.49x FlashMLA's 217: short of 0.5x by itself); s_q=1 rows
+#     unchanged (same kernel).
 DECODE_VARIANTS = [
     None,
     {},
+    {"part_group": 0},
     {"combine": [4, 4]},
     {"combine": [16, 8]},
     {"vblocks": 1},
@@ -191,6 +203,14 @@ DECODE_VARIANTS = [
 ]
 # (b, s_q, s_k, FlashMLA's H100 time in us from the target's table)
 DECODE_SHAPES = [(64, 1, 8192, 239.0), (128, 1, 8192, 513.0), (64, 2, 4096, 217.0)]
+DECODE_SMOKE_SHAPES = [(3, 1, 200, 239.0), (3, 2, 256, 217.0)]  # DECODE_SMOKE=1 (see decode)
+
+
+def _wall_us(fn):
+    import time
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
 
 
 def _decode_inputs(b, s_q, s_k, dev, gen, h_q=128, d=576, bs=64):
@@ -208,10 +228,13 @@ def _decode_inputs(b, s_q, s_k, dev, gen, h_q=128, d=576, bs=64):
 
 
 def _decode_check(q, cache, table, seqlens, sched, causal, scale):
-    """Max error of the Triton output against the reference on 4 batch elements (the first, the
-    second, the middle and the last: they sit in different parts of the schedule)."""
+    """Max error of the Triton output against the reference on 8 batch elements (pairs at the
+    start, a quarter, the middle and the end: they sit in different parts of the schedule, and
+    with part_group 2 at s_q=2 each pair holds an element split over two programs and one
+    that a program holds whole)."""
     b = q.shape[0]
-    idx = torch.tensor(sorted({0, min(1, b - 1), b // 2, b - 1}), device=q.device)
+    idx = torch.tensor(sorted({min(max(i, 0), b - 1) for i in (
+        0, 1, b // 4, b // 4 + 1, b // 2, b // 2 + 1, b - 2, b - 1)}), device=q.device)
     with torch_mla.use_backend("triton"):
         out, lse = torch_mla.dense_decode(q, cache, table, seqlens, d_v=512, sm_scale=scale,
                                           causal=causal, schedule=sched)
@@ -261,24 +284,29 @@ def decode():
     variants = DECODE_VARIANTS
     if os.environ.get("DECODE_VARIANTS"):
         variants = json.loads(os.environ["DECODE_VARIANTS"])
-    dev = torch.device("cuda")
+    # DECODE_SMOKE=1 (with TRITON_INTERPRET=1, on a CPU machine): tiny shapes, wall time of one
+    # call, no FlashMLA; for catching a broken script before it reaches the GPU, not for numbers
+    smoke = bool(os.environ.get("DECODE_SMOKE"))
+    shapes = DECODE_SMOKE_SHAPES if smoke else DECODE_SHAPES
+    timer = _wall_us if smoke else _time
+    dev = torch.device("cpu" if smoke else "cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     scale = 576 ** -0.5
-    inputs = [_decode_inputs(b, s_q, s_k, dev, gen) for b, s_q, s_k, _ in DECODE_SHAPES]
+    inputs = [_decode_inputs(b, s_q, s_k, dev, gen) for b, s_q, s_k, _ in shapes]
     base = []
-    for (b, s_q, s_k, published), _ in zip(DECODE_SHAPES, inputs):
+    for (b, s_q, s_k, published), _ in zip(shapes, inputs):
         us = None
         try:
             built = cases._dense_decode(dict(b=b, s_q=s_q, h_q=128, s_k=s_k, block_size=64),  # noqa
                                         dev, gen)
             if "flashmla" in built.calls:
-                us = _time(built.calls["flashmla"])
+                us = timer(built.calls["flashmla"])
             del built
         except Exception as e:  # noqa: BLE001 - the published figure stands in
             print(f"flashmla b={b} s_q={s_q}: {type(e).__name__}: {str(e)[:120]}")
         base.append((us, "live") if us else (published, "published"))
         torch.cuda.empty_cache()
-    heads = [f"b={b} s_q={s_q} s_k={s_k}" for b, s_q, s_k, _ in DECODE_SHAPES]
+    heads = [f"b={b} s_q={s_q} s_k={s_k}" for b, s_q, s_k, _ in shapes]
     print("FlashMLA: " + "  ".join(f"{h}: {us:.1f} us ({how})"
                                    for h, (us, how) in zip(heads, base)), flush=True)
     print(f"{'variant':<78} " + " ".join(f"{h:>24}" for h in heads))
@@ -289,12 +317,12 @@ def decode():
         cells = []
         t0 = time.time()
         for (b, s_q, s_k, _), (q, cache, table, seqlens, sched), (fl, _) in zip(
-                DECODE_SHAPES, inputs, base):
+                shapes, inputs, base):
             causal = s_q > 1
             try:
                 check = _decode_check(q, cache, table, seqlens, sched, causal, scale)
                 with torch_mla.use_backend("triton"):
-                    us = _time(lambda: torch_mla.dense_decode(
+                    us = timer(lambda: torch_mla.dense_decode(
                         q, cache, table, seqlens, d_v=512, sm_scale=scale, causal=causal,
                         schedule=sched))
                 cells.append(f"{us:7.1f} {fl / us:4.2f}x {check}")
@@ -303,8 +331,8 @@ def decode():
         name = "default (gather kernel)" if v is None else json.dumps(v, separators=(",", ":"))
         print(f"{name:<78} " + " ".join(f"{c:>24}" for c in cells)
               + f"  [{time.time() - t0:.0f}s]", flush=True)
-        if os.environ.get("DECODE_PROFILE"):  # per-kernel device time (us per call)
-            for (b, s_q, s_k, _), (q, cache, table, seqlens, sched) in zip(DECODE_SHAPES, inputs):
+        if os.environ.get("DECODE_PROFILE") and not smoke:  # per-kernel device time (us per call)
+            for (b, s_q, s_k, _), (q, cache, table, seqlens, sched) in zip(shapes, inputs):
                 with torch_mla.use_backend("triton"):
                     brk = _kernel_breakdown(lambda: torch_mla.dense_decode(
                         q, cache, table, seqlens, d_v=512, sm_scale=scale, causal=s_q > 1,

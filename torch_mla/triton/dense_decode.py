@@ -72,6 +72,32 @@ their tensor time). 255 registers with ~100 spilled words (mostly outside the ti
 gather kernel: 176).
 Without a schedule argument the op computes one with ~15 small tensor ops, +90-115 us: pass one
 made once per decode step.
+
+Why s_q = 2 is the row furthest from the target (analysis 2026-11-26; no new measurement). The
+rows of a program are (query position, head) pairs, so s_q is already folded into the row
+dimension: each 64-key tile is read by rows / 64 programs of 64 rows, 2 at s_q=1 and 4 at
+s_q=2, sharing it through L2 (neighbours on grid axis 0). FlashMLA does the same (64-row CTAs,
+ceil(s_q * h_q / 64) of them per part); one CTA cannot hold more rows (a 64 x 512 fp32
+accumulator is half the register file). Per SM both rows then do the same work: 124 tile-steps
+of 64 x 64 keys (2 * 64 * 64 * 1088 = 8.9 MFLOP and 72 KB from L2 each, 1.21 GB L2->SM in all);
+HBM reads 604 MB at s_q=1 (180 us at 3.35 TB/s) and 302 MB at s_q=2 (90 us); 146 GFLOP in both
+(197 us at the ~740 TFLOPS measured, 148 at 989). FlashMLA: 241 us at s_q=1 (HBM and tensor
+bound together), 217 us at s_q=2 (compute bound, 91% of 740). The paged kernel spends ~3.5 us
+per tile-step at both (split kernel ~435 / ~443 us: bound by its own issue and copy latency,
+neither HBM nor tensor cores), so FlashMLA's gain from the halved bytes at s_q=2 does not carry
+over, and on top of it s_q=2 pays twice the combine (29-30 us, reading 2 x 64 x 256 rows x 2 KB)
+because decode_schedule(h_q=128), blind to s_q, makes 66 parts: 66 x 4 = 264 programs (two
+waves at one program per SM), each ~62 tiles, so every batch element of 64 tiles is split in
+two. FlashMLA's metadata makes 33 parts there (132 CTAs). ``part_group`` (below, off by
+default) merges consecutive parts per program (0: until one program per SM; 2 at s_q=2 on the
+bench's schedule, 1 at s_q=1, where the kernel is then the default's): half the elements end
+in one program and are written straight to ``out``, so the combine reads half as much and the
+split kernel stores half the fp32 partials, in one wave. Compile check (Triton 3.6, sm_90,
+d576, s_q=1 / s_q=2 causal): 255 registers, spills 94 -> 104 / 100 -> 106 words, shared
+221208 / 222208 B (unchanged); the tile loops' SASS within 3 instructions of the default's,
+with the same local loads / stores (the added spills sit outside them). Predicted -15 to -30 us at
+s_q=2 (~0.47-0.49x): not by itself the 0.5x target; to be measured with
+``tools/gpu_tune.py decode``.
 """
 
 from __future__ import annotations
@@ -218,7 +244,7 @@ def _decode_combine_kernel(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     total_rows, rows_per_kvh, group, d_v,
-    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, SKIP_DONE: tl.constexpr,
 ):
     bi = tl.program_id(0)
     gr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -237,20 +263,31 @@ def _decode_combine_kernel(
         m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         den = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+        live = g_ok
+        if SKIP_DONE:
+            # (the split kernel with grouped parts) lse +inf in the first slot: the split kernel
+            # wrote these rows' result; -inf in a slot: no partial there, its o never written
+            lse_0 = tl.load(WL + tl.cast(s0, tl.int64) * stride_wls + gr,
+                            mask=g_ok & (gr * 0 + s0 < s1), other=0.0)
+            live = g_ok & (lse_0 != float("inf"))
         # Split sp + 1 is loaded before split sp is merged, so that two splits' reads are in
         # flight at a time (the loop is not pipelined otherwise; merging is memory bound).
-        n_ok = g_ok & (gr * 0 + s0 < s1)
+        n_ok = live & (gr * 0 + s0 < s1)
         lse_n = tl.load(WL + tl.cast(s0, tl.int64) * stride_wls + gr, mask=n_ok,
                         other=float("-inf"))
+        if SKIP_DONE:
+            n_ok = n_ok & (lse_n != float("-inf"))
         o_n = tl.load(WO + tl.cast(s0, tl.int64) * stride_wos + gr[:, None] * stride_wor
                       + dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         for sp in range(s0, s1):
             lse_s = lse_n
             o_s = o_n
             nxt = sp + 1
-            n_ok = g_ok & (gr * 0 + nxt < s1)
+            n_ok = live & (gr * 0 + nxt < s1)
             lse_n = tl.load(WL + tl.cast(nxt, tl.int64) * stride_wls + gr, mask=n_ok,
                             other=float("-inf"))
+            if SKIP_DONE:
+                n_ok = n_ok & (lse_n != float("-inf"))
             o_n = tl.load(WO + tl.cast(nxt, tl.int64) * stride_wos + gr[:, None] * stride_wor
                           + dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
             m_new = tl.maximum(m, lse_s)
@@ -264,8 +301,8 @@ def _decode_combine_kernel(
         o = acc / tl.where(seen, den, 1.0)[:, None]
         lse = tl.where(seen, (m + tl.log2(tl.where(seen, den, 1.0))) * 0.6931471805599453, float("inf"))
         tl.store(o_ptr[:, None] + dv[None, :], o.to(OUT.dtype.element_ty),
-                 mask=g_ok[:, None] & dv_ok[None, :])
-        tl.store(l_ptr, lse, mask=g_ok)
+                 mask=live[:, None] & dv_ok[None, :])
+        tl.store(l_ptr, lse, mask=live)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,12 +494,13 @@ def _decode_paged_kernel(
     stride_lb, stride_lh,
     stride_wos, stride_wor,
     stride_wls,
-    B, s_q, group, block_size, max_keys, d_qk, d_v, rows_per_kvh, scale_log2,
+    B, s_q, group, block_size, max_keys, d_qk, d_v, rows_per_kvh, scale_log2, num_parts,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
     DV_SPLIT: tl.constexpr, VBLOCKS: tl.constexpr, BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr, CAUSAL: tl.constexpr, SCHED_BN: tl.constexpr,
     SPLIT_S: tl.constexpr, USE_TMA: tl.constexpr, DEFER_SUM: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_CHUNK_BYTES: tl.constexpr, DOT_F32: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_CHUNK_BYTES: tl.constexpr, PART_GROUP: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     # Programs that read the same keys (the row blocks and value-column halves of one part)
     # are neighbours on axis 0, so they run at the same time and the second read of a key tile
@@ -493,7 +531,7 @@ def _decode_paged_kernel(
     nn = tl.arange(0, BLOCK_N)
     col0 = kvh * stride_kh  # this kv head's first column in the descriptors' 2-D view
 
-    mrow = META + pid_p * 8
+    mrow = META + pid_p * PART_GROUP * 8
     begin_b = tl.load(mrow)
     begin_blk = tl.load(mrow + 1)
     end_b = tl.load(mrow + 2)
@@ -501,6 +539,22 @@ def _decode_paged_kernel(
     first_split = tl.load(mrow + 4)
     sched_bn = tl.load(mrow + 5)
     sched_bn = tl.where(sched_bn > 0, sched_bn, SCHED_BN)
+    if PART_GROUP > 1:
+        # PART_GROUP consecutive parts as one run of keys (the contract's parts are consecutive
+        # runs of one global block list, empty ones last): it ends where the group's last
+        # non-empty part ends. last_begin / last_first: that part's first batch element and
+        # split (one schedule, one block unit: the first part's sched_bn holds for all).
+        last_begin = begin_b
+        last_first = first_split
+        for g in tl.static_range(1, PART_GROUP):
+            pg = pid_p * PART_GROUP + g
+            g_begin = tl.load(META + pg * 8, mask=pg < num_parts, other=B)
+            take = g_begin < B
+            end_b = tl.where(take, tl.load(META + pg * 8 + 2, mask=take, other=0), end_b)
+            end_blk = tl.where(take, tl.load(META + pg * 8 + 3, mask=take, other=0), end_blk)
+            last_first = tl.where(take, tl.load(META + pg * 8 + 4, mask=take, other=0),
+                                  last_first)
+            last_begin = tl.where(take, g_begin, last_begin)
     # An empty part has begin_b == end_b == B: no iteration.
     last_b = tl.where(begin_b >= B, begin_b - 1, end_b)
 
@@ -512,6 +566,14 @@ def _decode_paged_kernel(
         k_end = tl.where(bi == end_b, tl.minimum(end_blk * sched_bn, n_keys), n_keys)
         split = tl.where(bi == begin_b, first_split, tl.load(NSPLIT + bi))
         n_split = tl.load(NSPLIT + bi + 1) - tl.load(NSPLIT + bi)
+        n_store = n_split  # 1: the result goes straight to out / lse
+        if PART_GROUP > 1:
+            # The schedule's splits of bi that this group covers, [split, split_last] (one
+            # partial for all of them, in slot split). All of bi's: the final result.
+            split_last = tl.where(
+                bi == end_b, tl.where(last_begin == bi, last_first, tl.load(NSPLIT + bi)),
+                tl.load(NSPLIT + bi + 1) - 1)
+            n_store = tl.where(split_last - split + 1 == n_split, 1, 2)
         if CAUSAL:
             limit = seqlen - s_q + j + 1  # [BLOCK_H]: keys t < limit are visible
             # keys below every row's limit (row j = 0 has the smallest one)
@@ -607,16 +669,29 @@ def _decode_paged_kernel(
         inv = 1.0 / tl.where(seen, l_i, 1.0)
         lse2 = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         l_ok = r_ok & (r * 0 + half == 0)  # the halves hold the same lse: one writes it
-        _paged_store(acc * inv[:, None], r_ok, da, da_ok, bi, j, head, gr, split, n_split, OUT,
+        _paged_store(acc * inv[:, None], r_ok, da, da_ok, bi, j, head, gr, split, n_store, OUT,
                      WO, stride_ob, stride_os, stride_oh, stride_wos, stride_wor)
         if OWN_B:
-            _paged_store(acc_b * inv[:, None], r_ok, db, db_ok, bi, j, head, gr, split, n_split,
+            _paged_store(acc_b * inv[:, None], r_ok, db, db_ok, bi, j, head, gr, split, n_store,
                          OUT, WO, stride_ob, stride_os, stride_oh, stride_wos, stride_wor)
-        if n_split == 1:
+        if n_store == 1:
             tl.store(LSE + tl.cast(bi, tl.int64) * stride_lb + head * stride_lh + j,
                      tl.where(seen, lse2 * 0.6931471805599453, float("inf")), mask=l_ok)
         else:
             tl.store(WL + split.to(tl.int64) * stride_wls + gr, lse2, mask=l_ok)
+        if PART_GROUP > 1:
+            # What the combine kernel (SKIP_DONE) reads in the schedule's other slots of bi: an
+            # lse of +inf in its first slot when this program wrote the final result (the
+            # combine leaves those rows alone), -inf in the slots of this group that hold no
+            # partial (they weigh nothing and their o is not read).
+            if n_store == 1:
+                if n_split > 1:
+                    tl.store(WL + tl.load(NSPLIT + bi).to(tl.int64) * stride_wls + gr,
+                             tl.full([BLOCK_H], float("inf"), tl.float32), mask=l_ok)
+            else:
+                for sp in range(split + 1, split_last + 1):
+                    tl.store(WL + tl.cast(sp, tl.int64) * stride_wls + gr,
+                             tl.full([BLOCK_H], float("-inf"), tl.float32), mask=l_ok)
 
 
 # (BLOCK_N, num_warps, num_stages) for the 512-wide value tile; None: the default below. A
@@ -641,6 +716,10 @@ CONFIG_512 = None
 #   prefetch   0, or n: with TMA copies on the GPU, ask L2 for the tile n tiles ahead
 #              (cp.async.bulk.prefetch; never under the interpreter)
 #   defer_sum  keep per-thread running sums of the probabilities, one row sum at the end
+#   part_group 1: one program per schedule part and row block; k >= 2: each program takes k
+#              consecutive parts as one run of keys (fewer programs, fewer partial results for
+#              the combine; see the module docstring); 0: the smallest k that leaves one program
+#              per SM (k = ceil(parts * programs per part / SMs), 1 where that already holds)
 #   num_warps, num_stages
 # TORCH_MLA_DENSE_DECODE_VARIANT (JSON, read at import) sets it for a whole process, e.g. a GPU
 # test run: '{"vblocks": 1}' (a paged variant), 'gather' (the gather kernel).
@@ -650,7 +729,7 @@ if _env_variant:
     VARIANT = None if _env_variant.lower() in ("gather", "none", "null") \
         else json.loads(_env_variant)
 PAGED_DEFAULTS = dict(block_h=64, block_n=64, dv_split=1, vblocks=2, split_s=True, tma=True,
-                      num_warps=8, num_stages=2, prefetch=2, defer_sum=True)
+                      num_warps=8, num_stages=2, prefetch=2, defer_sum=True, part_group=1)
 
 # (rows per program, num_warps) of the combine kernel. 8 x 512 rows on 4 warps: two splits' tiles
 # in flight (the prefetch) and the accumulator take 128 registers (16 rows: 254, half the
@@ -662,12 +741,14 @@ class _Launch:
     """The split kernel's launch parameters for one call."""
 
     def __init__(self, paged, block_h, block_n, num_warps, num_stages, dv_split=1,
-                 split_s=False, tma=False, prefetch=0, defer_sum=False, vblocks=1):
+                 split_s=False, tma=False, prefetch=0, defer_sum=False, vblocks=1,
+                 part_group=1):
         self.paged, self.block_h, self.block_n = paged, block_h, block_n
         self.num_warps, self.num_stages = num_warps, num_stages
         self.dv_split, self.split_s, self.tma, self.prefetch = dv_split, split_s, tma, prefetch
         self.defer_sum = defer_sum
         self.vblocks = max(vblocks, dv_split)
+        self.part_group = part_group
 
 
 def _config(rows_per_kvh: int, d_qk: int, d_v: int):
@@ -707,7 +788,8 @@ def _launch_config(rows, d_qk, d_v, block_size) -> _Launch:
         if block_size % v["block_n"] == 0:
             return _Launch(True, min(v["block_h"], _pow2(rows)), v["block_n"], v["num_warps"],
                            v["num_stages"], v["dv_split"], bool(v["split_s"]), bool(v["tma"]),
-                           int(v["prefetch"]), bool(v["defer_sum"]), int(v["vblocks"]))
+                           int(v["prefetch"]), bool(v["defer_sum"]), int(v["vblocks"]),
+                           int(v["part_group"]))
     return _Launch(False, *_config(rows, d_qk, d_v))
 
 
@@ -733,6 +815,12 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, d_v=512, sm_scale=1.0, 
         schedule_metadata, num_splits = decode_schedule(cache_seqlens, parts, SCHED_BLOCK_N)
     num_parts = schedule_metadata.shape[0]
     max_splits = b + num_parts
+    part_group = 1
+    if cfg.paged:
+        part_group = cfg.part_group
+        if part_group == 0:  # auto: one program per SM
+            part_group = -(-num_parts * per_part // sm_count(q.device))
+        part_group = max(1, min(part_group, num_parts))
     ws_o = torch.empty((max_splits, h_kv * rows, d_v), dtype=torch.float32, device=q.device)
     ws_l = torch.empty((max_splits, h_kv * rows), dtype=torch.float32, device=q.device)
     meta = schedule_metadata.contiguous()
@@ -775,15 +863,16 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, d_v=512, sm_scale=1.0, 
         prefetch = cfg.prefetch if (
             use_tma and not INTERPRET and k_cache.stride(1) == d_qk and h_kv == 1
             and tile_bytes % (16 * cfg.num_warps) == 0) else 0
-        _decode_paged_kernel[(per_part, num_parts)](
+        _decode_paged_kernel[(per_part, triton.cdiv(num_parts, part_group))](
             q, k_cache, kd_v, kd_t, block_table, seq, meta, nsplit, out, lse, ws_o, ws_l,
-            *common,
+            *common, num_parts,
             BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, BLOCK_DV=block_dv,
             DV_SPLIT=cfg.dv_split, VBLOCKS=cfg.vblocks, BLOCK_DT=_pow2(d_tail),
             HAS_TAIL=d_tail > 0,
             CAUSAL=bool(causal), SCHED_BN=SCHED_BLOCK_N, SPLIT_S=cfg.split_s,
             USE_TMA=use_tma, DEFER_SUM=cfg.defer_sum, PREFETCH=prefetch,
-            PF_CHUNK_BYTES=tile_bytes // cfg.num_warps if prefetch else 16, DOT_F32=DOT_F32,
+            PF_CHUNK_BYTES=tile_bytes // cfg.num_warps if prefetch else 16,
+            PART_GROUP=part_group, DOT_F32=DOT_F32,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     block_r, combine_warps = COMBINE_CONFIG
@@ -793,7 +882,8 @@ def dense_decode(q, k_cache, block_table, cache_seqlens, d_v=512, sm_scale=1.0, 
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         h_kv * rows, rows, group, d_v,
-        BLOCK_R=block_r, BLOCK_DV=_pow2(d_v), num_warps=combine_warps,
+        BLOCK_R=block_r, BLOCK_DV=_pow2(d_v), SKIP_DONE=part_group > 1,
+        num_warps=combine_warps,
     )
     return out, lse
 
