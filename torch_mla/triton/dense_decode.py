@@ -88,16 +88,25 @@ neither HBM nor tensor cores), so FlashMLA's gain from the halved bytes at s_q=2
 over, and on top of it s_q=2 pays twice the combine (29-30 us, reading 2 x 64 x 256 rows x 2 KB)
 because decode_schedule(h_q=128), blind to s_q, makes 66 parts: 66 x 4 = 264 programs (two
 waves at one program per SM), each ~62 tiles, so every batch element of 64 tiles is split in
-two. FlashMLA's metadata makes 33 parts there (132 CTAs). ``part_group`` (below, off by
-default) merges consecutive parts per program (0: until one program per SM; 2 at s_q=2 on the
-bench's schedule, 1 at s_q=1, where the kernel is then the default's): half the elements end
-in one program and are written straight to ``out``, so the combine reads half as much and the
-split kernel stores half the fp32 partials, in one wave. Compile check (Triton 3.6, sm_90,
-d576, s_q=1 / s_q=2 causal): 255 registers, spills 94 -> 104 / 100 -> 106 words, shared
-221208 / 222208 B (unchanged); the tile loops' SASS within 3 instructions of the default's,
-with the same local loads / stores (the added spills sit outside them). Predicted -15 to -30 us at
-s_q=2 (~0.47-0.49x): not by itself the 0.5x target; to be measured with
-``tools/gpu_tune.py decode``.
+two. FlashMLA's metadata makes 33 parts there (132 CTAs). ``part_group`` (below; auto by
+default since 2026-11-25) merges consecutive parts per program (0: until one program per SM; 2
+at s_q=2 on the bench's schedule, 1 at s_q=1, where the kernel is the ungrouped one): half the
+elements end in one program and are written straight to ``out``, so the combine reads half as
+much and the split kernel stores half the fp32 partials, in one wave. Compile check (Triton 3.6,
+sm_90, d576, s_q=1 / s_q=2 causal): 255 registers, spills 94 -> 104 / 100 -> 106 words, shared
+221208 / 222208 B (unchanged); the tile loops' SASS within 3 instructions of the ungrouped
+kernel's, with the same local loads / stores (the added spills sit outside them). Measured on
+the H100 (2026-11-25, ``DECODE_PROFILE=1 DECODE_VARIANTS='[{},{"part_group":0},{},
+{"part_group":0}]' python3 tools/gpu_tune.py decode``, CUDA-graph replay, FlashMLA live: 248.6 /
+536.5 / 231.3 us; two runs each, alternating), us and x FlashMLA:
+
+    row                      part_group 1 (before)       part_group 0 (auto, the default)
+    b=64 s_q=1 s_k=8192      437.0 / 440.2  0.57x        446.5 / 444.2  0.56x   (k = 1 here)
+    b=128 s_q=1 s_k=8192     837.2 / 841.8  0.64x        833.4 / 849.3  0.63x   (k = 1 here)
+    b=64 s_q=2 s_k=4096      466.6 / 468.9  0.49-0.50x   441.4 / 441.9  0.52x
+
+At s_q=2 the split kernel went 436 -> 415-419 us and the combine 28.5 -> 19.4 us (profiler).
+The time per tile-step (~3.5 us against FlashMLA's ~1.8) is what remains.
 """
 
 from __future__ import annotations
@@ -729,7 +738,7 @@ if _env_variant:
     VARIANT = None if _env_variant.lower() in ("gather", "none", "null") \
         else json.loads(_env_variant)
 PAGED_DEFAULTS = dict(block_h=64, block_n=64, dv_split=1, vblocks=2, split_s=True, tma=True,
-                      num_warps=8, num_stages=2, prefetch=2, defer_sum=True, part_group=1)
+                      num_warps=8, num_stages=2, prefetch=2, defer_sum=True, part_group=0)
 
 # (rows per program, num_warps) of the combine kernel. 8 x 512 rows on 4 warps: two splits' tiles
 # in flight (the prefetch) and the accumulator take 128 registers (16 rows: 254, half the
