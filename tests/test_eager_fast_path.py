@@ -166,14 +166,14 @@ def test_public_call_traces_the_op_under_compile():
 
 def _chosen(tool, rec, lib, call):
     """Which backend ran call() under the tool's CUDA simulation."""
-    del rec.calls[:], lib.calls[:]
+    del rec.calls[:], rec.c_calls[:], lib.calls[:]
     rec.keep = True
     try:
         with lib.record():
             call()
     finally:
         rec.keep = False
-    return "native" if lib.calls else "triton" if rec.calls else "reference"
+    return "native" if lib.calls else "triton" if rec.calls or rec.c_calls else "reference"
 
 
 def test_plans_follow_backend_state(monkeypatch):

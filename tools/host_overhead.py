@@ -13,8 +13,11 @@ taken:
   the GPU-verified gate) see the first tensor as a CUDA one (``_common.first_tensor`` returns a
   stand-in with ``is_cuda`` and a cuda device), and the native backend's device check passes;
 * every Triton launch (``torch_mla.triton.sparse_decode._launch``, the one seam all of its
-  launches go through) is replaced by a stub that records ``(kernel, grid, args, kwargs)`` and
-  launches nothing;
+  launches go through) is replaced by a stub that records ``(kernel, grid, args, kwargs)``,
+  launches nothing and returns a stand-in compiled kernel shaped like Triton 3.6's
+  (``StandInCompiled``), so that a plan records and then makes its direct C launcher calls
+  (``sparse_decode._c_launch``) on it: from a key's second call on, the Triton launches are
+  those calls, to a Python function that does nothing (a C one in the real launcher);
 * ``--backend native``: the native library is a stand-in (``NativeStandIn``) whose
   ``sparse_decode`` is a real C function typed like ``tmla_sparse_decode`` that returns 0 at
   once, so the ctypes call (argument conversion, GIL release) is timed and the kernels are not;
@@ -73,16 +76,59 @@ OP = "sparse_decode"
 # ---------------------------------------------------------------------------------------------
 
 class LaunchRecorder:
-    """Stands in for ``_launch(kernel, grid, *args, **kwargs)``: records, launches nothing."""
+    """Stands in for ``_launch(kernel, grid, *args, **kwargs)``: records, launches nothing, and
+    returns a stand-in of the compiled kernel (``StandInCompiled``, one per kernel), so that a
+    plan can set up its direct C launches (torch_mla.triton.sparse_decode._c_launch) on it;
+    those launches are recorded in ``c_calls`` as (kernel, the C launcher's arguments)."""
 
     def __init__(self):
         self.calls: List[tuple] = []
+        self.c_calls: List[tuple] = []
         self.keep = False
+        self.compiled: Dict[object, "StandInCompiled"] = {}
 
     def __call__(self, kernel, grid, *args, **kwargs):
+        kernel = kernel_of(kernel)
         if self.keep:
-            self.calls.append((kernel_of(kernel), grid, args, kwargs))
-        return None
+            self.calls.append((kernel, grid, args, kwargs))
+        compiled = self.compiled.get(kernel)
+        if compiled is None:
+            compiled = self.compiled[kernel] = StandInCompiled(self, kernel)
+        return compiled
+
+
+class StandInLauncher:
+    """Triton 3.6's CudaLauncher as the runner calls it (no scratch, no cooperative grid, no
+    programmatic dependent launch); its C ``launch`` is a Python function that records the call
+    when the recorder keeps calls and does nothing else."""
+
+    def __init__(self, rec: LaunchRecorder, kernel):
+        def launch(*a):
+            if rec.keep:
+                rec.c_calls.append((kernel, a))
+        self.launch = launch  # an instance attribute, as in Triton
+
+    def __call__(self, gx, gy, gz, stream, function, *args):
+        self.launch(gx, gy, gz, stream, function, False, False, None, None, *args)
+
+
+class StandInCompiled:
+    """A compiled kernel whose runner (``compiled[grid](*args)``) does what Triton 3.6's does:
+    current stream (0 here), no launch metadata without hooks, then the launcher."""
+
+    def __init__(self, rec: LaunchRecorder, kernel):
+        self.function = 0x7F00  # a CUfunction handle
+        self.packed_metadata = (8, 1, 0)
+        self._run = StandInLauncher(rec, kernel)
+
+    def __getitem__(self, grid):
+        import triton
+
+        def runner(*args):
+            rt = triton.knobs.runtime
+            self._run(grid[0], grid[1], grid[2], 0, self.function, self.packed_metadata, None,
+                      rt.launch_enter_hook, rt.launch_exit_hook, *args)
+        return runner
 
 
 def kernel_of(kernel):
@@ -160,6 +206,11 @@ def simulate_cuda(recorder: LaunchRecorder, verified: bool = False, native=None)
         patch(tri, "GPU_VERIFIED", tri.GPU_VERIFIED | {OP})
     if hasattr(tsd, "_launch"):
         patch(tsd, "_launch", recorder)
+        if hasattr(tsd, "_c_launch"):  # direct C launches on the recorder's stand-ins
+            patch(_common, "cuda_index", lambda t: 0)
+            patch(tsd, "_DIRECT_C", True)
+            patch(tsd, "_current_stream", lambda index: 0)
+            patch(tsd, "_current_device", lambda: 0)
     else:  # before the seam existed: stub the kernel objects themselves
         class _Stub:
             def __init__(self, kernel):
@@ -271,6 +322,9 @@ def _allocations(backend: str, q, sched):
     b, s_q, h_q, _ = q.shape
     n_ws = b + sched.metadata.shape[0]
     dt, f32 = q.dtype, torch.float32
+    if hasattr(torch_mla._eager, "workspace"):  # the workspace is a cached buffer (no alloc)
+        return [lambda: torch.empty(b, s_q, h_q, 512, dtype=dt),
+                lambda: torch.empty(b, h_q, s_q, dtype=f32)]
     if backend == "native":
         n = workspace_bytes(b, s_q, h_q, sched.metadata.shape[0], True)
         return [lambda: torch.empty(b, s_q, h_q, 512, dtype=dt),
@@ -337,7 +391,8 @@ def stages(q, cache, idx, sched, scale, backend: str, forced: bool, calls: int
         res[f"  {chosen.name} host impl (launches stubbed)"] = median_us(lambda: impl(*args),
                                                                          calls)
     allocs = _allocations(chosen.name, q, sched)
-    res[f"    {len(allocs)} x torch.empty (out, lse, workspace)"] = median_us(
+    what = "out, lse" if len(allocs) == 2 else "out, lse, workspace"
+    res[f"    {len(allocs)} x torch.empty ({what})"] = median_us(
         lambda: [a() for a in allocs], calls)
     if hasattr(_dispatch, "PLANNED"):
         res["  torch.ops.mla.sparse_decode (compiled code's call: dispatcher, then the plan)"] = \

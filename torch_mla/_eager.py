@@ -32,6 +32,7 @@ Same results, same errors:
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -172,3 +173,71 @@ for _mod in (_dispatch, _device, common, layouts, schedule, msd):
 del _mod
 
 _dispatch.PLANNED[_OP] = run  # the op's kernel tries the plan first
+
+
+# ---------------------------------------------------------------------------------------------
+# scratch memory of eager calls
+# ---------------------------------------------------------------------------------------------
+#
+# A backend's split-KV workspace is scratch: written and read by the kernels of one call, on the
+# current stream, never returned. A torch.empty per call pays the caching allocator twice (the
+# allocation, and the free when the call returns) on top of the Python call, so calls on one
+# stream reuse one buffer instead. Why that is safe:
+#
+# * stream order: the next call on the same stream launches its kernels after this call's, and
+#   no kernel of ours is launched with programmatic dependent launch, so a later call writes the
+#   buffer only after every earlier kernel on that stream has finished with it;
+# * one buffer per (thread, device, stream): two threads launching on one stream could interleave
+#   their kernels (main A, main B, combine A), so each thread has its own;
+# * never while the current stream is capturing a CUDA graph: a graph keeps the addresses it was
+#   captured with and replays later on any stream, concurrently with eager calls; captured calls
+#   allocate as before (from the graph's private pool);
+# * a buffer grows by being replaced: the old one goes back to the caching allocator, which hands
+#   its memory only to later allocations on the stream it was made on (the same stream, so again
+#   ordered after the kernels that used it);
+# * buffers above WORKSPACE_CACHE_BYTES are not kept (a call that large runs kernels long enough
+#   to hide an allocation), so at most that much stays held per (thread, device, stream);
+#   release_workspaces() drops this thread's buffers (e.g. before torch.cuda.empty_cache()).
+#
+# The returned tensors (out, lse) are always new allocations: nothing a caller holds aliases a
+# cached buffer.
+
+WORKSPACE_CACHE_BYTES = 64 << 20
+_ws_local = threading.local()
+# (a CPU build of torch has a stand-in that raises when called)
+_capturing = (getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+              if torch.version.cuda is not None else None)
+_U8 = torch.uint8
+
+
+def workspace(nbytes: int, device: torch.device, index, stream: int):
+    """``(uint8 tensor of at least nbytes on device, its data pointer)`` for scratch that only
+    kernels launched in this call on ``stream`` use: the raw current stream of ``device``, which
+    must be the current device (CUDA index ``index``; None and stream 0 for CPU tensors, whose
+    kernels run synchronously); ``stream=None``: a new buffer, not kept. Reused across calls
+    where that is safe (above)."""
+    if stream is None:  # (callers: launching on another device than the current one)
+        buf = torch.empty(max(nbytes, 1), dtype=_U8, device=device)
+        return buf, buf.data_ptr()
+    try:
+        cache = _ws_local.bufs
+    except AttributeError:
+        cache = _ws_local.bufs = {}
+    key = (index, stream)
+    hit = cache.get(key)
+    if hit is not None and hit[2] >= nbytes and not (index is not None and _capturing
+                                                     and _capturing()):
+        return hit[0], hit[1]
+    buf = torch.empty(max(nbytes, 1), dtype=_U8, device=device)
+    ptr = buf.data_ptr()
+    if nbytes <= WORKSPACE_CACHE_BYTES and not (index is not None and _capturing
+                                                and _capturing()):
+        cache[key] = (buf, ptr, nbytes)
+    return buf, ptr
+
+
+def release_workspaces() -> None:
+    """Drop this thread's cached scratch buffers (their memory returns to the caching
+    allocator)."""
+    _ws_local.__dict__.pop("bufs", None)
+

@@ -1,9 +1,10 @@
 """Native ``mla::sparse_decode`` (csrc/sm90/sparse_decode): the Python half of the C call.
 
-Per call: three ``torch.empty`` (out, lse, workspace; on the current stream, so CUDA-graph
-capture takes them from the graph's pool), one ``struct.pack`` of the parameter struct, one
-ctypes call that launches [schedule] -> main kernel -> combine on the current stream. Nothing
-syncs the host. The struct's field order is csrc/include/torch_mla_native.h's
+Per call: two ``torch.empty`` (out and lse, returned: always new; on the current stream, so
+CUDA-graph capture takes them from the graph's pool), the workspace (scratch: a buffer kept per
+thread and stream and reused, or new under capture, see ``torch_mla._eager.workspace``), one
+current-stream query, one ``struct.pack`` of the parameter struct, one ctypes call that launches
+[schedule] -> main kernel -> combine on the current stream. Nothing syncs the host. The struct's field order is csrc/include/torch_mla_native.h's
 ``tmla_sparse_decode_params``: 38 fields of 8 bytes (int64, one double: sm_scale).
 
 ``prepare`` does the per-shape part once (sizes, strides, layout, workspace size, which inputs
@@ -21,6 +22,7 @@ import torch
 from .._device import decode_parts
 from ..meta.layouts import MODEL1, V32, alignment_reasons
 from .. import _dispatch
+from .._eager import workspace
 from . import _lib, register
 
 _FMT = struct.Struct("<9qd28q")
@@ -59,6 +61,7 @@ _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream",
 _current_device = getattr(torch._C, "_cuda_getDevice", lambda: torch.cuda.current_device())
 _F32 = torch.float32
 _U8 = torch.uint8
+_ERR_LEN = _lib._ERR_LEN  # every thread's error buffer has this size
 
 
 def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
@@ -115,7 +118,13 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
             schedule_metadata=None, num_splits=None):
         out = torch.empty(b, s_q, h_q, d_v, dtype=dtype, device=dev)
         lse = torch.empty(b, h_q, s_q, dtype=_F32, device=dev)
-        ws = torch.empty(ws_bytes, dtype=_U8, device=dev)
+        if index is not None and index != _current_device():
+            stream = None  # asked under the device guard below
+        else:
+            stream = _current_stream(index)
+        # scratch, reused on this stream (torch_mla._eager.workspace says why that is safe);
+        # ws keeps it alive until the launches are queued
+        ws, ws_ptr = workspace(ws_bytes, dev, index, stream)
         # Zero-size tensors may have a NULL data pointer; the library never reads them (topk 0
         # or no slots), so any valid address stands in.
         dummy = q.data_ptr()
@@ -159,16 +168,16 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
             eidx, eis0, eis1, elen,
             sink_ptr,
             sched_ptr, splits_ptr, num_parts,
-            out.data_ptr(), lse.data_ptr(), ws.data_ptr(), ws_bytes)
+            out.data_ptr(), lse.data_ptr(), ws_ptr, ws_bytes)
         try:
             err = tls.buf  # this thread's error buffer (made by err_buffer() on first use)
         except AttributeError:
             err = err_buffer()
-        if index is not None and index != _current_device():
+        if stream is None:
             with torch.cuda.device(index):  # the library launches on the current device's context
-                rc = lib.sparse_decode(params, _current_stream(index), err, len(err))
+                rc = lib.sparse_decode(params, _current_stream(index), err, _ERR_LEN)
         else:
-            rc = lib.sparse_decode(params, _current_stream(index), err, len(err))
+            rc = lib.sparse_decode(params, stream, err, _ERR_LEN)
         if rc != 0:
             raise RuntimeError(f"torch_mla native sparse_decode failed (code {rc}): "
                                f"{err.value.decode(errors='replace')}")

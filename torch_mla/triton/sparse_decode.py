@@ -116,6 +116,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from typing import List, Optional
 
 import torch
@@ -127,7 +128,9 @@ from .._device import sm_count
 from ..reference.schedule import decode_schedule
 from .. import _dispatch
 from . import register
-from ._common import DOT_F32, LaunchSite, launch
+from .._eager import workspace
+from . import _common
+from ._common import DOT_F32, LaunchSite, _constexpr_tail, launch
 
 _SB = 64  # keys per schedule block (decode_schedule's default block_n)
 _D_V_MAX = 512  # value columns the kernel accumulates (8 chunks)
@@ -701,6 +704,82 @@ _launch = launch
 _NO_GUARD = contextlib.nullcontext()  # stateless, so one instance serves every call
 
 
+# Direct calls of Triton's C launcher. Even a direct relaunch (_common.launch) goes through
+# Triton's runner per launch: a closure, the current device and stream, launch metadata (a dict
+# built whenever the hook chains exist, i.e. always in Triton 3.6), the CudaLauncher's scratch
+# closures, then the C launcher, which calls the empty hook chains (two Python calls) and, per
+# tensor argument, data_ptr() and cuPointerGetAttribute (a driver call). A plan that has launched
+# a kernel once through that path records, once, the arguments the runner hands the C launcher
+# for it (the runner run again with the C function swapped for a recorder: nothing launched) and,
+# if they are what Triton 3.6's runner passes (no scratch, no programmatic dependent launch, no
+# hook, our arguments unchanged), calls the C function itself from then on with the same fixed
+# arguments, no hooks, and device pointers as ints (which the 3.6 launcher takes as they are).
+# The compiled kernel stays the one Triton chose: a plan fixes every argument Triton specializes
+# on (dtypes, alignment and int values come from the plan's key or are new allocations) except
+# the part count and the tuning knobs, which key the recorded launch. Only with Triton 3.6 (the
+# launcher convention this was checked against); TORCH_MLA_TRITON_C_LAUNCH=0 turns it off.
+_DIRECT_C = (triton.__version__.split(".")[:2] == ["3", "6"]
+             and os.environ.get("TORCH_MLA_TRITON_C_LAUNCH", "1") != "0")
+try:
+    _knobs_runtime = triton.knobs.runtime
+except AttributeError:  # pragma: no cover - Triton without knobs: no direct C launches
+    _knobs_runtime, _DIRECT_C = None, False
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream",
+                          lambda index: torch.cuda.current_stream(index).cuda_stream)
+
+
+def _hooks_idle() -> bool:
+    """No launch hook is set (None, or an empty Triton 3.6 HookChain)."""
+    rt = _knobs_runtime
+    return (not getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)
+            and not getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
+
+
+_c_lock = threading.Lock()
+
+
+def _c_launch(kernel, compiled, grid, args, kwargs, stream):
+    """``(C launch function, fixed arguments, constexpr tail)`` of ``compiled`` (what launching
+    ``kernel`` with these arguments returned) on ``stream``, checked as described above, or None
+    (then launches keep going through Triton)."""
+    if not _DIRECT_C or compiled is None or stream is None or not _hooks_idle():
+        return None
+    tail = _constexpr_tail(kernel, len(args), kwargs)
+    launcher = getattr(compiled, "_run", None)
+    c = getattr(launcher, "__dict__", {}).get("launch")
+    if tail is None or c is None:
+        return None
+    seen = []
+    me = threading.get_ident()
+
+    def record(*a):
+        if threading.get_ident() != me:  # another thread's launch of this kernel: a real one
+            return c(*a)
+        seen.append(a)
+        return None
+
+    with _c_lock:  # one swap at a time: a second one would take the first's recorder for c
+        c = launcher.__dict__.get("launch")
+        launcher.launch = record
+        try:
+            compiled[grid](*args, *tail)
+        except Exception:  # noqa: BLE001 - another convention: stay on Triton's path
+            return None
+        finally:
+            launcher.launch = c
+    if len(seen) != 1:
+        return None
+    a = seen[0]
+    ours = (*args, *tail)
+    if (len(a) != 13 + len(ours) or tuple(a[:3]) != tuple(grid) or a[3] != stream
+            or a[4] is not compiled.function or a[6] or a[7] is not None or a[8] is not None
+            or a[9] is not compiled.packed_metadata
+            or getattr(a[11], "calls", a[11]) or getattr(a[12], "calls", a[12])
+            or any(x is not y for x, y in zip(a[13:], ours))):
+        return None
+    return c, a[4:10], tail
+
+
 _F32 = torch.float32
 _U8 = torch.uint8
 # torch.cuda.current_device() without re-checking CUDA's initialization on every call
@@ -752,9 +831,12 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
     convert_sink = has_sink and not (attn_sink.dtype is _F32 and attn_sink.is_contiguous())
     # out is new and contiguous: its strides are these (Triton specializes on the values only)
     so0, so1, so2 = s_q * h_q * d_v, h_q * d_v, d_v
-    index = dev.index if q.is_cuda else None  # Triton launches on the current CUDA device
+    index = _common.cuda_index(q)  # Triton launches on the current CUDA device
     main_site, combine_site = LaunchSite(_sparse_decode_kernel), LaunchSite(_combine_kernel)
     combine_grid = (b * s_q, h_q // 16)
+    # the workspace of the recorded launches: one buffer, partial outputs then their lse
+    ws_row, lse_row = s_q * h_q * _D_V_MAX * 4, s_q * h_q * 4
+    c_state = [None]  # (num_parts, _config(), the recorded launches) once they are recorded
 
     def run(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache=None,
             extra_indices=None, extra_topk_length=None, d_v=d_v, sm_scale=1.0,
@@ -774,14 +856,11 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
                                                             _num_parts(dev, head_blocks), _SB)
         num_parts = schedule_metadata.shape[0]
         n_ws = b + num_parts
-        ws_o = torch.empty(n_ws, s_q, h_q, _D_V_MAX, dtype=_F32, device=dev)
-        ws_lse = torch.empty(n_ws, s_q, h_q, dtype=_F32, device=dev)
-        kc = k_cache.view(_U8) if kc_view else k_cache
-        if has_extra:
-            ec = extra_k_cache.view(_U8) if ec_view else extra_k_cache
-            eidx = extra_indices
+        cfg = _config(block_h, layout_id)
+        if index is not None and index != _current_device():
+            guard, stream = torch.cuda.device(index), None
         else:
-            ec, eidx = kc, indices
+            guard, stream = _NO_GUARD, (_current_stream(index) if index is not None else None)
         if has_len:
             lens = topk_length.contiguous() if copy_lens else topk_length
         else:
@@ -794,32 +873,71 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
             sink = attn_sink.to(_F32).contiguous() if convert_sink else attn_sink
         else:
             sink = lse
-        block_n, num_warps, num_stages, split_kw = _config(block_h, layout_id)
-        if index is not None and index != _current_device():
-            guard = torch.cuda.device(index)
+        direct = c_state[0]
+        if (direct is not None and direct[0] == num_parts and direct[1] == cfg
+                and stream is not None and _hooks_idle() and not _TUNE.get("debug")):
+            # the recorded launches (see _c_launch), on this call's pointers
+            c, fixed, tail, cc, cfixed, ctail = direct[2]
+            lse_at = (n_ws * ws_row + 255) // 256 * 256  # ws_lse's offset, 256-byte aligned
+            ws, ws_o = workspace(lse_at + n_ws * lse_row, dev, index, stream)
+            ws_lse = ws_o + lse_at
+            qp, ip = q.data_ptr(), indices.data_ptr()
+            kp = k_cache.data_ptr()
+            lp, sp, op, lsep = lens.data_ptr(), sink.data_ptr(), out.data_ptr(), lse.data_ptr()
+            splits = num_splits.data_ptr()
+            if has_extra:
+                ep, eip = extra_k_cache.data_ptr(), extra_indices.data_ptr()
+            else:
+                ep, eip = kp, ip
+            c(num_parts, head_blocks, 1, stream, *fixed, None, None, None,
+              qp, sq0, sq1, sq2,
+              kp, kc_stride0, kc_bs, kc_slots,
+              ip, si0, si1, topk, lp,
+              ep, ec_stride0, ec_bs, ec_slots,
+              eip, se0, se1, etopk, elens.data_ptr() if has_elen else ip,
+              sp, schedule_metadata.data_ptr(), splits, ws_o, ws_lse, n_ws,
+              op, so0, so1, so2, lsep,
+              b, s_q, h_q, d_v, float(sm_scale) * _LOG2E, *tail)
+            cc(combine_grid[0], combine_grid[1], 1, stream, *cfixed, None, None, None,
+               ws_o, ws_lse, n_ws, splits, sp, op, so0, so1, so2, lsep, s_q, h_q, d_v, *ctail)
+            return out, lse
+        ws_o = torch.empty(n_ws, s_q, h_q, _D_V_MAX, dtype=_F32, device=dev)
+        ws_lse = torch.empty(n_ws, s_q, h_q, dtype=_F32, device=dev)
+        kc = k_cache.view(_U8) if kc_view else k_cache
+        if has_extra:
+            ec = extra_k_cache.view(_U8) if ec_view else extra_k_cache
+            eidx = extra_indices
         else:
-            guard = _NO_GUARD
+            ec, eidx = kc, indices
+        block_n, num_warps, num_stages, split_kw = cfg
         with guard:
-            kern = _launch(
-                main_site, (num_parts, head_blocks),
-                q, sq0, sq1, sq2,
-                kc, kc_stride0, kc_bs, kc_slots,
-                indices, si0, si1, topk, lens,
-                ec, ec_stride0, ec_bs, ec_slots,
-                eidx, se0, se1, etopk, elens,
-                sink, schedule_metadata, num_splits, ws_o, ws_lse, n_ws,
-                out, so0, so1, so2, lse,
-                b, s_q, h_q, d_v, float(sm_scale) * _LOG2E,
-                LAYOUT=layout_id, HAS_LEN=has_len, HAS_EXTRA=has_extra, HAS_ELEN=has_elen,
-                HAS_SINK=has_sink, BLOCK_H=block_h, BLOCK_N=block_n,
-                DOT_F32=DOT_F32, num_warps=num_warps, num_stages=num_stages, **split_kw)
+            main_args = (q, sq0, sq1, sq2,
+                         kc, kc_stride0, kc_bs, kc_slots,
+                         indices, si0, si1, topk, lens,
+                         ec, ec_stride0, ec_bs, ec_slots,
+                         eidx, se0, se1, etopk, elens,
+                         sink, schedule_metadata, num_splits, ws_o, ws_lse, n_ws,
+                         out, so0, so1, so2, lse,
+                         b, s_q, h_q, d_v, float(sm_scale) * _LOG2E)
+            main_kw = dict(LAYOUT=layout_id, HAS_LEN=has_len, HAS_EXTRA=has_extra,
+                           HAS_ELEN=has_elen, HAS_SINK=has_sink, BLOCK_H=block_h,
+                           BLOCK_N=block_n, DOT_F32=DOT_F32, num_warps=num_warps,
+                           num_stages=num_stages, **split_kw)
+            kern = _launch(main_site, (num_parts, head_blocks), *main_args, **main_kw)
             if _TUNE.get("debug"):  # tuning scripts read registers / spills / shared memory
                 _TUNE["last_kernel"] = kern
             # Always launched: whether any batch element has 0 or >= 2 splits is known only on
             # the device (a batch element with exactly one split returns at once there).
-            _launch(combine_site, combine_grid,
-                    ws_o, ws_lse, n_ws, num_splits, sink, out, so0, so1, so2,
-                    lse, s_q, h_q, d_v, HAS_SINK=has_sink, BLOCK_H=16, D=_D_V_MAX, num_warps=4)
+            comb_args = (ws_o, ws_lse, n_ws, num_splits, sink, out, so0, so1, so2,
+                         lse, s_q, h_q, d_v)
+            comb_kw = dict(HAS_SINK=has_sink, BLOCK_H=16, D=_D_V_MAX, num_warps=4)
+            ckern = _launch(combine_site, combine_grid, *comb_args, **comb_kw)
+        if _DIRECT_C and stream is not None and not _TUNE.get("debug"):
+            m = _c_launch(_sparse_decode_kernel, kern, (num_parts, head_blocks, 1), main_args,
+                          main_kw, stream)
+            cm = m and _c_launch(_combine_kernel, ckern, (*combine_grid, 1), comb_args, comb_kw,
+                                 stream)
+            c_state[0] = (num_parts, cfg, (*m, *cm)) if cm else None
         return out, lse
 
     return run
