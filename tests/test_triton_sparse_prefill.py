@@ -160,7 +160,8 @@ def test_forward_and_backward_match_reference(s_q, s_kv, h_q, h_kv, d_qk, d_v, t
     ("BWD_ATOMIC_SEM", "acq_rel"),
     ("BWD_DQ_IN_PHASE2", False),  # two-phase with dq formed by the first phase
     ("BWD_DS_PREFETCH_IDX", False),
-    ("BWD_PREFETCH_IDX", True), ("PREFETCH_IDX", False)])
+    ("BWD_PREFETCH_IDX", True), ("PREFETCH_IDX", False),
+    ("BWD_DS_SPLIT", True), ("BWD_DKV_SPLIT", True), ("BWD_DKV_PREFETCH_IDX", True)])
 def test_kernel_options(monkeypatch, option, value):
     # Switches of the kernel module: same results.
     from torch_mla.triton import sparse_prefill as mod
@@ -172,16 +173,100 @@ def test_kernel_options(monkeypatch, option, value):
     check_backward(g, e, args)
 
 
-# The split-scores forward (FWD_VARIANT a dict, _fwd_split_kernel): the knobs that change its
-# body, each on the corner cases of the other tests (invalid and duplicated indices, a query with
-# no valid key, topk_length below 0 / 0 / past topk, infinite sinks, NaN in unused rows).
+def _bwd_candidates():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from diag_sparse_prefill import BWD_CANDIDATES, BWD_TIME_DEFAULT
+    return {name: BWD_CANDIDATES[name] for name in BWD_TIME_DEFAULT}
+
+
+@pytest.mark.parametrize("name", list(_bwd_candidates()))
+@pytest.mark.parametrize("shape", [
+    # s_q, s_kv, h_q, h_kv, d_qk, d_v, topk, sink, use_len
+    pytest.param((3, 40, 16, 1, 48, 32, 70, "inf", True), id="small_tail_topk"),
+    # 64 heads over d_v 512: the "big" configurations of both phases (8 warps, split layouts);
+    # topk 150 ends in a partial block
+    pytest.param((2, 64, 64, 1, 576, 512, 150, "inf", True), id="big_d576"),
+    pytest.param((2, 64, 128, 1, 512, 512, 100, "finite", False), id="big_d512_h128"),
+])
+def test_backward_candidates(monkeypatch, name, shape):
+    # The backward configurations tools/diag_sparse_prefill.py --time-bwd times (each a set of
+    # module settings), against the reference: duplicated / invalid indices, sinks, topk_length,
+    # random dlse.
+    from torch_mla.triton import sparse_prefill as mod
+    for k, v in _bwd_candidates()[name].items():
+        monkeypatch.setattr(mod, k, v)
+    s_q, s_kv, h_q, h_kv, d_qk, d_v, topk, sink, use_len = shape
+    args = make_case(s_q, s_kv, h_q, h_kv, d_qk, d_v, topk, sink=sink, use_len=use_len)
+    got, exp = forward_both(args)
+    check_forward(got, exp, torch.bfloat16)
+    g, e = backward_both(args, got, exp)
+    check_backward(g, e, args)
+
+
+# The forward kernels: the module's default (FWD_VARIANT_DEFAULT, the split-scores kernel, which
+# every other test runs), the first kernel (FWD_VARIANT None, _fwd_kernel) and the knobs that
+# change the split kernel's body, each on the corner cases of the other tests (invalid and
+# duplicated indices, a query with no valid key, topk_length below 0 / 0 / past topk, infinite
+# sinks, NaN in unused rows).
 FWD_VARIANTS = [
+    pytest.param(None, id="fwd_kernel"),
     pytest.param({}, id="split"),
     pytest.param({"defer_sum": False, "split_v": False}, id="split_rowsum_onev"),
     pytest.param({"tau": 8.0}, id="split_lazy"),
     pytest.param({"tau": 0.5, "defer_sum": False}, id="split_lazy_tight_rowsum"),
     pytest.param({"split_s": False}, id="fromzero_chained"),
 ]
+
+
+def test_forward_default_is_the_timed_split_variant():
+    from torch_mla.triton import sparse_prefill as mod
+    assert mod.FWD_VARIANT_DEFAULT == {"block_n": 64, "defer_sum": False}
+    v = dict(mod.FWD_SPLIT_DEFAULTS, **mod.FWD_VARIANT_DEFAULT)
+    assert v["split_s"] and v["split_v"] and v["tau"] == 0 and v["num_stages"] == 2
+
+
+def test_forward_variant_env_var():
+    # TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT is read at import: "none" selects _fwd_kernel,
+    # "default" (or unset) the default dict, JSON a variant.
+    import importlib
+    import os
+    from torch_mla.triton import sparse_prefill as mod
+    saved = os.environ.get("TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT")
+    seen = {}
+    try:
+        for val in ("none", "default", '{"tau": 8.0}', ""):
+            os.environ["TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT"] = val
+            seen[val] = importlib.reload(mod).FWD_VARIANT
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT", None)
+        else:
+            os.environ["TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT"] = saved
+        importlib.reload(mod)
+    assert seen["none"] is None
+    assert seen["default"] == seen[""] == mod.FWD_VARIANT_DEFAULT
+    assert seen['{"tau": 8.0}'] == {"tau": 8.0}
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param("default", id="default_split_n64_sum"),
+    pytest.param(None, id="fwd_kernel"),
+    pytest.param({"block_n": 64, "num_stages": 1}, id="split_n64_s1"),
+])
+@pytest.mark.parametrize("d_qk", [576, 512])
+def test_forward_big_head_block(monkeypatch, variant, d_qk):
+    # 64 heads on one kv head over d_v 512: the "big" launch configuration (the variant's
+    # block_n, 8 warps), which the small shapes of the other tests never reach; topk 150 leaves
+    # a partial last block of 64 and of 32.
+    from torch_mla.triton import sparse_prefill as mod
+    if variant != "default":
+        monkeypatch.setattr(mod, "FWD_VARIANT", variant)
+    assert mod._blocks(torch.empty(1, 64, d_qk), torch.empty(1, 1, d_qk), 512)[-1] == "big"
+    args = make_case(2, 64, 64, 1, d_qk, 512, 150, sink="inf", use_len=True)
+    got, exp = forward_both(args)
+    check_forward(got, exp, torch.bfloat16)
 
 
 @pytest.mark.parametrize("variant", FWD_VARIANTS)
@@ -216,11 +301,12 @@ def test_forward_variant_big_scores_lazy_rescale(monkeypatch):
 
 @pytest.mark.parametrize("how", ["negative", "out_of_range", "zero_length"])
 @pytest.mark.parametrize("sink", [None, "inf"])
-@pytest.mark.parametrize("variant", [None, {}, {"tau": 8.0}], ids=["default", "split",
-                                                                   "split_lazy"])
+@pytest.mark.parametrize("variant", ["default", None, {}, {"tau": 8.0}],
+                         ids=["default", "fwd_kernel", "split", "split_lazy"])
 def test_all_invalid(monkeypatch, how, sink, variant):
     from torch_mla.triton import sparse_prefill as mod
-    monkeypatch.setattr(mod, "FWD_VARIANT", variant)
+    if variant != "default":
+        monkeypatch.setattr(mod, "FWD_VARIANT", variant)
     s_q, s_kv, h_q, h_kv, d_qk, d_v, topk = 3, 10, 16, 2, 32, 16, 20
     q = torch.randn(s_q, h_q, d_qk, dtype=torch.bfloat16)
     kv = torch.full((s_kv, h_kv, d_qk), float("nan"), dtype=torch.bfloat16)  # nothing may be read

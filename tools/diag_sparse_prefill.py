@@ -5,8 +5,11 @@ reference. `--sanitize` runs one variant at a reduced shape under compute-saniti
     python tools/diag_sparse_prefill.py                 # all variants, one process each
     python tools/diag_sparse_prefill.py --variant bwd   # one, in this process
     python tools/diag_sparse_prefill.py --time-fwd      # forward candidates: check, then time
-    python tools/diag_sparse_prefill.py --time-fwd default split --dims 576
+    python tools/diag_sparse_prefill.py --time-fwd fwd_kernel split_n64_sum --dims 576
     TRITON_INTERPRET=1 python tools/diag_sparse_prefill.py --time-fwd --dry   # CPU, tiny shapes
+    python tools/diag_sparse_prefill.py --time-bwd      # backward candidates: check, then time
+    python tools/diag_sparse_prefill.py --time-bwd dq2 p2split --s-kv 32768
+    TRITON_INTERPRET=1 python tools/diag_sparse_prefill.py --time-bwd --dry   # CPU, tiny shapes
 
 --time-fwd: for each FWD_CANDIDATES entry (sparse_prefill.FWD_VARIANT), in one process, at the
 benchmark's shape (s_q 4096, h_q 128, h_kv 1, d_v 512, topk 2048, s_kv 32768 or $DIAG_S_KV, one
@@ -16,6 +19,19 @@ sink with +-inf, topk_length, invalid and duplicated indices) against the refere
 median of triton.testing.do_bench; then FlashMLA's flash_mla_sparse_fwd on the same inputs where
 ``import flash_mla`` works. One process per d_qk; a CUDA fault (sticky) ends it, and the
 candidates after the faulting one go on in a fresh one.
+
+--time-bwd: for each named BWD_CANDIDATES entry (default BWD_TIME_DEFAULT: the module's default
+"dq2" first, then the split-dot candidates), one process per --s-kv (32768, then 8192), at the
+benchmark's shape (s_q 4096, h_q 128, h_kv 1, d_qk 576, d_v 512, topk 2048, one randperm row
+set per query, dlse 0, no sink / lengths; out / lse from the module's forward): a reduced check
+against the reference backend (the first --bwd-check-sq queries, 64, of the same q and kv, with a
+sink holding +-inf, topk_length below 0 / past topk, invalid and duplicated indices, a query with
+nothing valid, random dlse: dq / dkv / dsink relative errors < 2e-2), the full-shape dq and dkv
+against the first candidate's (< 1e-2), then the do_bench median of the whole backward and of
+its first phase alone (the second phase's launches skipped). Candidates left when --budget
+seconds (200) have passed are skipped (and no new --s-kv process starts with under 40 s left),
+so that one GPU command stays under 4 minutes. With --dry (TRITON_INTERPRET=1, CPU) the shapes
+are tiny (s_q 4, h_q 64, topk 128, s_kv 256 whatever --s-kv says) and each time is one call.
 """
 
 import argparse
@@ -34,15 +50,22 @@ def _dkv(n, dc, w, s):  # second phase: (BLOCK_N keys, DC columns, num_warps, nu
     return {"big": (n, dc, w, s), "small": (16, 64, 4, 1)}
 
 
+# switches added after the timings of 2026-11-25 (off in every candidate that predates them)
+_NEW_OFF = {"BWD_DS_SPLIT": False, "BWD_DKV_SPLIT": False, "BWD_DKV_PREFETCH_IDX": False}
 _FUSED = {"BWD_MODE": "fused", "BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False,
-          "BWD_PREFETCH_IDX": False, "BWD_ATOMIC_SEM": "relaxed", "BWD_CONFIG": _ds(32, 8, 2)}
+          "BWD_PREFETCH_IDX": False, "BWD_ATOMIC_SEM": "relaxed", "BWD_CONFIG": _ds(32, 8, 2),
+          **_NEW_OFF}
 # two phases, dq formed by the first (64 heads a program)
 _DQ1 = {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": False, "BWD_DS_PREFETCH_IDX": False,
         "BWD_ATOMIC_SEM": "relaxed", "BWD_DS_MAX_BLOCK_H": 64, "BWD_DS_CONFIG": _ds(32, 8, 1),
-        "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2)}
+        "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2), "BWD_SCRATCH_BYTES": 512 << 20, **_NEW_OFF}
 # two phases, dq formed by the second: the module's default (c79f1d1)
 _DQ2 = {**_DQ1, "BWD_DQ_IN_PHASE2": True, "BWD_DS_PREFETCH_IDX": True,
         "BWD_DS_CONFIG": _ds(64, 4, 1), "BWD_DKV_CONFIG": _dkv(64, 128, 8, 2)}
+# the split dots (sparse_prefill.BWD_DS_SPLIT / BWD_DKV_SPLIT) on top of the default
+_P2 = {**_DQ2, "BWD_DKV_SPLIT": True}
+_P1 = {**_DQ2, "BWD_DS_SPLIT": True, "BWD_DS_CONFIG": _ds(64, 8, 1)}
+_BOTH = {**_P1, "BWD_DKV_SPLIT": True, "BWD_DKV_PREFETCH_IDX": True}
 BWD_CANDIDATES = {
     "fused_n32_s2": _FUSED,
     "fused_n32_s2_acqrel": {**_FUSED, "BWD_ATOMIC_SEM": "acq_rel"},
@@ -61,14 +84,25 @@ BWD_CANDIDATES = {
     "dq2_n32": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(32, 128, 8, 2)},
     "dq2_n128": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(128, 128, 8, 1)},
     "dq2_s1": {**_DQ2, "BWD_DS_PREFETCH_IDX": False, "BWD_DKV_CONFIG": _dkv(64, 128, 8, 1)},
+    # untimed (2026-11-25 on): the split dots
+    "p2split": _P2,
+    "p2split_pf": {**_P2, "BWD_DKV_PREFETCH_IDX": True},
+    "p1split_w8": _P1,
+    "split_both": _BOTH,
+    "split_both_p1n32s2": {**_BOTH, "BWD_DS_CONFIG": _ds(32, 8, 2)},
+    "split_both_p2s1": {**_BOTH, "BWD_DKV_CONFIG": _dkv(64, 128, 8, 1)},
 }
+# what --time-bwd checks and times when given no names: the default and the new candidates
+BWD_TIME_DEFAULT = ["dq2", "p2split", "p2split_pf", "p1split_w8", "split_both",
+                    "split_both_p1n32s2", "split_both_p2s1"]
 
 
-# Forward candidates: settings of sparse_prefill.FWD_VARIANT (None: the default kernel; a dict:
-# the split-scores kernel, its keys over FWD_SPLIT_DEFAULTS). Compile figures per candidate:
+# Forward candidates: settings of sparse_prefill.FWD_VARIANT (None: the first kernel,
+# _fwd_kernel; a dict: the split-scores kernel, its keys over FWD_SPLIT_DEFAULTS;
+# "split_n64_sum" is the module's default, FWD_VARIANT_DEFAULT). Compile figures per candidate:
 # tools/triton_compile_check.py --only prefill --prefill-fwd all --dots
 FWD_CANDIDATES = {
-    "default": None,
+    "fwd_kernel": None,
     "split": {},
     "split_sum": {"defer_sum": False},
     "split_onev": {"split_v": False},
@@ -170,6 +204,7 @@ def time_forward(names, d_qk, check_sq, dry, flashmla=True):
         with torch_mla.use_backend("reference"):
             cref = torch.ops.mla.sparse_prefill(*cargs)
         flops = 2 * s_q * h_q * topk * (d_qk + d_v)
+        saved_variant = sp.FWD_VARIANT
         while todo:
             name = todo.pop(0)
             sp.FWD_VARIANT = None if FWD_CANDIDATES[name] is None else dict(FWD_CANDIDATES[name])
@@ -200,7 +235,7 @@ def time_forward(names, d_qk, check_sq, dry, flashmla=True):
                 print(f"fwd d_qk {d_qk} {name:<16} FAIL {msg}", flush=True)
                 if not dry and ("CUDA" in msg or "illegal" in msg or "cuda" in msg):
                     return todo
-        sp.FWD_VARIANT = None
+        sp.FWD_VARIANT = saved_variant
         if flash_mla is not None:
             try:
                 fn = lambda: flash_mla.flash_mla_sparse_fwd(q, kv, idx, scale, d_v)
@@ -211,6 +246,130 @@ def time_forward(names, d_qk, check_sq, dry, flashmla=True):
                       f"{flops / ms / 1e9:6.1f} TFLOPS", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"fwd d_qk {d_qk} FlashMLA FAIL {type(e).__name__}: {e}", flush=True)
+    return []
+
+
+def _apply(sp, settings, saved):
+    """Module settings of one backward candidate, over the module's own values (saved)."""
+    for k, v in saved.items():
+        setattr(sp, k, v)
+    for k, v in settings.items():
+        setattr(sp, k, v)
+
+
+def time_backward_candidates(names, s_kv, check_sq, dry, deadline):
+    """See the module docstring (--time-bwd); one s_kv. Returns the names not run (after a CUDA
+    fault)."""
+    import time
+
+    import torch
+    import torch_mla
+    from torch_mla.triton import sparse_prefill as sp
+
+    dev = "cpu" if dry else "cuda"
+    if dry:  # the interpreter: tiny shapes (64 heads over d_v 512: the "big" configurations)
+        s_q, h_q, d_qk, d_v, topk, s_kv, check_sq = 4, 64, 576, 512, 128, 256, 4
+    else:
+        s_q, h_q, d_qk, d_v, topk = 4096, 128, 576, 512, 2048
+    print(f"backward s_q {s_q} h_q {h_q} h_kv 1 d_qk {d_qk} d_v {d_v} topk {topk} s_kv {s_kv} "
+          f"(dlse 0, no sink / lengths); check: s_q {check_sq} with sink, lengths, invalid and "
+          "duplicated indices, random dlse vs the reference; full shape vs the first candidate",
+          flush=True)
+
+    def bench(fn):
+        if dry:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+    def sync():
+        if not dry:
+            torch.cuda.synchronize()
+
+    keys = sorted({k for v in BWD_CANDIDATES.values() for k in v})
+    saved = {k: getattr(sp, k) for k in keys}
+    dkv_kernel = sp._bwd_dkv_kernel
+    torch.manual_seed(0)
+    q = torch.randn(s_q, h_q, d_qk, device=dev).bfloat16()
+    kv = torch.randn(s_kv, 1, d_qk, device=dev).bfloat16()
+    idx = torch.argsort(torch.rand(s_q, s_kv, device=dev), dim=1)[:, :topk]
+    idx = idx.int().view(s_q, 1, topk).contiguous()
+    scale = d_qk ** -0.5
+    with torch_mla.use_backend("triton"):
+        out, _, lse = torch.ops.mla.sparse_prefill(q, kv, idx, scale, d_v, None, None)
+    dout, dlse = torch.randn_like(out), torch.zeros_like(lse)
+    bargs = (dout, dlse, q, kv, idx, out, lse, scale, d_v, None, None)
+    # the reduced check: sink with +-inf, lengths (negative, 0, past topk), invalid and
+    # duplicated indices, a query with nothing valid, random dlse
+    cq = q[:check_sq].clone()
+    cidx = idx[:check_sq].clone()
+    bad = torch.rand(cidx.shape, device=dev) < 0.1
+    cidx = torch.where(bad, torch.where(torch.rand(cidx.shape, device=dev) < 0.5,
+                                        torch.full_like(cidx, -1),
+                                        torch.full_like(cidx, s_kv + 5)), cidx)
+    cidx[:, :, 1] = cidx[:, :, 0]
+    cidx[:, :, 7] = cidx[:, :, 0]
+    cidx[0] = -1
+    sink = torch.randn(h_q, device=dev)
+    sink[0], sink[-1] = float("inf"), float("-inf")
+    lens = torch.randint(0, topk + 1, (check_sq,), device=dev, dtype=torch.int32)
+    if check_sq > 3:  # query 1 keeps a random length
+        lens[2], lens[3] = -3, topk + 7
+    with torch_mla.use_backend("reference"):
+        cout, _, clse = torch.ops.mla.sparse_prefill(cq, kv, cidx, scale, d_v, sink, lens)
+        cdout = torch.randn_like(cout)
+        cdlse = torch.randn_like(clse)
+        cargs = (cdout, cdlse, cq, kv, cidx, cout, clse, scale, d_v, sink, lens)
+        cref = torch.ops.mla.sparse_prefill_backward(*cargs)
+    sync()
+    flops = 2.5 * 2 * s_q * h_q * topk * (d_qk + d_v)
+    base = None  # (name, dq, dkv) of the first candidate at the full shape
+    todo = list(names)
+    while todo:
+        name = todo.pop(0)
+        if time.time() > deadline:
+            print(f"bwd s_kv {s_kv} {name:<20} skipped (time budget)", flush=True)
+            continue
+        _apply(sp, BWD_CANDIDATES[name], saved)
+        try:
+            with torch_mla.use_backend("triton"):
+                g = torch.ops.mla.sparse_prefill_backward(*cargs)
+                sync()
+                errs = [_rel(a, b) for a, b in zip(g, cref)]
+                fin = all(torch.isfinite(t).all().item() for t in g)
+                ok = fin and max(errs) < 2e-2 and cref[0].norm().item() > 0
+                full = torch.ops.mla.sparse_prefill_backward(*bargs)
+                sync()
+                vs = ""
+                if base is None:
+                    base = (name, full[0], full[1])
+                else:
+                    e_dq, e_dkv = _rel(full[0], base[1]), _rel(full[1], base[2])
+                    ok = ok and e_dq < 1e-2 and e_dkv < 1e-2
+                    vs = f" | full vs {base[0]}: dq {e_dq:.1e} dkv {e_dkv:.1e}"
+                del full
+                fn = lambda: torch.ops.mla.sparse_prefill_backward(*bargs)
+                ms = bench(fn)
+                ms1 = None
+                if sp.BWD_MODE == "two_phase":
+                    sp._bwd_dkv_kernel = _NoLaunch()
+                    try:
+                        ms1 = bench(fn)
+                    finally:
+                        sp._bwd_dkv_kernel = dkv_kernel
+            p1 = f" (first phase {ms1:.2f} ms)" if ms1 is not None else ""
+            print(f"bwd s_kv {s_kv} {name:<20} {'OK  ' if ok else 'BAD '} dq/dkv/dsink rel "
+                  f"{errs[0]:.1e} {errs[1]:.1e} {errs[2]:.1e}{vs} | {ms:8.2f} ms "
+                  f"{flops / ms / 1e9:6.1f} TFLOPS{p1}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report, go on (or restart after a fault)
+            sp._bwd_dkv_kernel = dkv_kernel
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            print(f"bwd s_kv {s_kv} {name:<20} FAIL {msg}", flush=True)
+            if not dry and ("CUDA" in msg or "illegal" in msg or "cuda" in msg):
+                return todo
+    _apply(sp, {}, saved)
     return []
 
 
@@ -309,6 +468,16 @@ def main():
                     help="--time-fwd: queries compared with the reference")
     ap.add_argument("--dry", action="store_true", help="--time-fwd on the CPU at tiny shapes "
                     "(needs TRITON_INTERPRET=1): checks that the script runs")
+    ap.add_argument("--time-bwd", nargs="*", help="check and time backward candidates "
+                    "(BWD_CANDIDATES keys; default: BWD_TIME_DEFAULT)")
+    ap.add_argument("--s-kv", type=int, nargs="*", default=[32768, 8192],
+                    help="s_kv for --time-bwd (one process each, in this order)")
+    ap.add_argument("--bwd-check-sq", type=int, default=64,
+                    help="--time-bwd: queries of the reduced reference check")
+    ap.add_argument("--budget", type=float, default=200,
+                    help="--time-bwd: seconds after which the remaining candidates are skipped")
+    ap.add_argument("--bwd-child", type=int, help=argparse.SUPPRESS)  # one s_kv, this process
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--fwd-child", type=int, help=argparse.SUPPRESS)  # one d_qk, this process
     ap.add_argument("--no-flashmla", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -335,6 +504,43 @@ def main():
                 left = [ln for ln in r.stdout.splitlines() if ln.startswith("FAULT-LEFT")]
                 todo = left[0].split()[1:] if r.returncode == 3 and left else []
                 if todo:  # a CUDA fault: the rest (and FlashMLA) in a fresh process
+                    print(f"restarting for {todo}", flush=True)
+        return
+    if a.time_bwd is not None:
+        import time
+        names = a.time_bwd or list(BWD_TIME_DEFAULT)
+        unknown = [n for n in names if n not in BWD_CANDIDATES]
+        if unknown:
+            ap.error(f"unknown backward candidates {unknown}; known: {list(BWD_CANDIDATES)}")
+        if a.bwd_child is not None:
+            left = time_backward_candidates(names, a.bwd_child, a.bwd_check_sq, a.dry,
+                                            a.deadline)
+            if left:
+                print("FAULT-LEFT " + " ".join(left), flush=True)
+                sys.exit(3)
+            return
+        deadline = time.time() + a.budget
+        for s_kv in a.s_kv:
+            todo = names
+            if deadline - time.time() < 40:
+                print(f"s_kv {s_kv}: skipped (time budget)", flush=True)
+                continue
+            while todo:
+                cmd = [sys.executable, __file__, "--time-bwd", *todo, "--bwd-child", str(s_kv),
+                       "--bwd-check-sq", str(a.bwd_check_sq), "--deadline", str(deadline)] + \
+                    (["--dry"] if a.dry else [])
+                try:
+                    r = subprocess.run(cmd, capture_output=True, text=True,
+                                       timeout=max(10.0, deadline - time.time() + 30))
+                except subprocess.TimeoutExpired as e:
+                    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                    print(out.rstrip() + f"\n(s_kv {s_kv}: timed out)", flush=True)
+                    break
+                print((r.stdout + (r.stderr[-3000:] if r.returncode else "")).rstrip(),
+                      flush=True)
+                left = [ln for ln in r.stdout.splitlines() if ln.startswith("FAULT-LEFT")]
+                todo = left[0].split()[1:] if r.returncode == 3 and left else []
+                if todo:  # a CUDA fault: the rest in a fresh process
                     print(f"restarting for {todo}", flush=True)
         return
     if a.time is not None:

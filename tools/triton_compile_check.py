@@ -56,6 +56,8 @@ Usage::
         # + the sparse_prefill forward candidates of tools/diag_sparse_prefill.py (FWD_CANDIDATES)
         # at the production shapes, and the TTGIR layout of every dot (warps per CTA, whether
         # the A operand comes from registers or shared memory, wgmma instruction shape)
+    python tools/triton_compile_check.py --only 'prefill bwd' --prefill-bwd new --dots
+        # the sparse_prefill backward candidates (BWD_CANDIDATES; 'new': BWD_TIME_DEFAULT)
 
 Exit status: 0 when every case ran and every launch compiled with shared memory within the
 limit; 1 otherwise (a compile error, shared > limit, or a case whose host code raised); 2 for
@@ -94,6 +96,10 @@ def _parse_args(argv=None):
     p.add_argument("--prefill-fwd", metavar="NAMES",
                    help="also capture the sparse_prefill forward candidates NAMES (comma-separated "
                    "keys of tools/diag_sparse_prefill.py FWD_CANDIDATES, or 'all')")
+    p.add_argument("--prefill-bwd", metavar="NAMES",
+                   help="also capture the sparse_prefill backward candidates NAMES (comma-"
+                   "separated keys of tools/diag_sparse_prefill.py BWD_CANDIDATES, 'new' for "
+                   "its BWD_TIME_DEFAULT, or 'all')")
     return p.parse_args(argv)
 
 
@@ -372,6 +378,9 @@ for _h in (128, 64):
          sink=True, lens=True)
 case("sparse_prefill fwd+bwd d576/512 h128 sink+lens", _sparse_prefill, 128, 576, 512, sink=True,
      lens=True)
+# under 64 heads a kv head: the "small" launch configurations (4 warps, MMA v2)
+case("sparse_prefill fwd+bwd d576/512 h16 sink+lens", _sparse_prefill, 16, 576, 512, sink=True,
+     lens=True)
 
 
 # dense_decode: bf16 paged cache (block 64), h_kv 1, 4096 keys per sequence
@@ -541,6 +550,36 @@ def add_prefill_fwd_cases(names: str):
                  576, 512)
             case(f"sparse_prefill fwd {name} d512/512 h{h} sink+lens", _sparse_prefill_fwd_variant,
                  var, h, 512, 512, sink=True, lens=True)
+
+
+# the sparse_prefill backward candidates (module settings) named in tools/
+# diag_sparse_prefill.py BWD_CANDIDATES, forward + backward at the production shapes; added by
+# --prefill-bwd
+def _sparse_prefill_bwd_variant(settings, *args, **kwargs):
+    import torch_mla.triton.sparse_prefill as sp
+    old = {k: getattr(sp, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(sp, k, v)
+        _sparse_prefill(*args, **kwargs)
+    finally:
+        for k, v in old.items():
+            setattr(sp, k, v)
+
+
+def add_prefill_bwd_cases(names: str):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from diag_sparse_prefill import BWD_CANDIDATES, BWD_TIME_DEFAULT
+    wanted = (list(BWD_CANDIDATES) if names == "all" else BWD_TIME_DEFAULT if names == "new"
+              else names.split(","))
+    for name in wanted:
+        settings = BWD_CANDIDATES[name]
+        case(f"sparse_prefill bwd {name} d576/512 h128", _sparse_prefill_bwd_variant, settings,
+             128, 576, 512)
+        case(f"sparse_prefill bwd {name} d576/512 h64 sink+lens", _sparse_prefill_bwd_variant,
+             settings, 64, 576, 512, sink=True, lens=True)
+        case(f"sparse_prefill bwd {name} d512/512 h128 sink+lens", _sparse_prefill_bwd_variant,
+             settings, 128, 512, 512, sink=True, lens=True)
 
 
 def _launched_kernels() -> Dict[str, List[str]]:
@@ -920,6 +959,8 @@ def main(args) -> int:
         print("note:", note)
     if args.prefill_fwd:
         add_prefill_fwd_cases(args.prefill_fwd)
+    if args.prefill_bwd:
+        add_prefill_bwd_cases(args.prefill_bwd)
     launches, errors, ops_run = capture_cases(args.only)
     print(f"captured {len(launches)} launches ({len({l.uid for l in launches})} distinct) in "
           f"{len({l.case for l in launches})} cases in {time.time() - t_start:.1f}s")

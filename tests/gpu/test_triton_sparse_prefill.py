@@ -95,6 +95,19 @@ def test_production_shape(d_qk, h_q):
     check_backward(ggot, gexp, args[5])
 
 
+@pytest.mark.parametrize("variant", [
+    pytest.param(None, id="fwd_kernel"),  # the first forward kernel, still selectable
+    pytest.param({}, id="split_n32"),
+])
+def test_production_shape_other_forward_kernels(monkeypatch, variant):
+    # the module's default forward (sparse_prefill.FWD_VARIANT_DEFAULT) runs in every other test
+    from torch_mla.triton import sparse_prefill as mod
+    monkeypatch.setattr(mod, "FWD_VARIANT", variant)
+    args = make(192, 128, 1, 576, 512, 8192, 2048, sink=True, lens=True)
+    got, exp, _, _ = run_both(args, backward=False)
+    check_forward(got, exp)
+
+
 def test_production_fp16_topk_tail_gqa():
     # topk 2048 + 40 is no multiple of any block size; two kv heads of 64 query heads each
     args = make(64, 128, 2, 576, 512, 4096, 2088, sink=True, dtype=torch.float16)

@@ -14,7 +14,9 @@ not a power of two, so the tail is a second, small dot) stay on chip for the who
 of ``BLOCK_N`` top-k positions: load the indices, gather the K rows [BLOCK_N, d_v] (+ tail) once
 and use the same tile as V (V = K[:, :d_v]); S = Q K^T (+ tail) in fp32; online softmax in the
 log2 domain with sm_scale * log2(e) folded into one multiply; acc [BLOCK_H, d_v] fp32 += P V.
-The loop stops at min(topk, topk_length[i]), so short queries cost only their length.
+The loop stops at min(topk, topk_length[i]), so short queries cost only their length. Two
+kernels do this: _fwd_split_kernel (the default, ``FWD_VARIANT`` a dict; below) and the first
+one, _fwd_kernel (``FWD_VARIANT = None``).
 
 Backward. One program per (query, head block) again. Before the loop it reads dout, out, lse,
 dlse (and the sink) of its heads and forms, per head row,
@@ -59,10 +61,13 @@ topk 2048, s_kv 8192, bf16:
       L2 at s_kv 8192; 75 MB at the benchmark's 32768 does not), and the scratch adds 2 x 1 GB
       of dS / fP writes and reads.
 
-Measured (H100 80GB HBM3, torch 2.11, triton 3.6; s_kv 8192, one randperm row set per query,
-no sink / topk_length; triton.testing.do_bench median), against the targets of 280 / 200:
-  forward  12.05 ms = 194 TFLOPS (69% of target, 24% of the 798 TFLOPS cuBLAS GEMM); in the
-           benchmark (s_kv 32768, CUDA-graph replay) 177-184 TFLOPS, 0.28-0.30x FlashMLA.
+Measured (H100 80GB HBM3, torch 2.11, triton 3.6; one randperm row set per query, no sink /
+topk_length; triton.testing.do_bench median), against the targets of 280 / 200:
+  forward  (2026-11-25, tools/diag_sparse_prefill.py --time-fwd, s_kv 32768) the default
+           split-scores kernel 7.23 ms = 323 TFLOPS at d_qk 576, 6.74 ms = 326 TFLOPS at 512
+           (FlashMLA on the same inputs 4.15 / 4.02 ms = 563 / 547 TFLOPS: 0.57 / 0.60x); the
+           first kernel (_fwd_kernel) 13.3 / 12.0 ms = 176 / 183 TFLOPS; the other variants in
+           the split-scores section below.
   backward (2026-11-25, tools/diag_sparse_prefill.py --time; FLOPs counted as 2.5x forward):
            two-phase, as configured below: 27.4 ms = 213 TFLOPS at s_kv 8192 (first phase alone
            9.0 ms); 33.4 ms = 175 TFLOPS at the benchmark's s_kv 32768 (first phase 11.1 ms),
@@ -84,20 +89,44 @@ no sink / topk_length; triton.testing.do_bench median), against the targets of 2
            (compute-sanitizer: "Invalid __shared__ read of size 1024 bytes" in the transposed
            dot), hence 32 heads there; the two-phase kernels are sanitizer-clean.
 What limits them, as far as the compiler reports go: with 64 heads per program the fp32
-accumulator [64, 512] alone takes 128 of the 255 registers of each of 256 threads, so BLOCK_N
-stays at 32 (the QK^T wgmma of each warpgroup is then only 16 keys wide) and two pipeline stages
-of the [32, 576] gather plus Q use 144 KB of shared memory (one program per SM); Triton does not
-overlap the softmax of one block with the GEMMs of the next (no warp specialisation on Hopper in
-3.6). The backward's first phase is the forward's two GEMMs (QK^T, dO V^T) with no accumulator;
+accumulator [64, 512] alone takes 128 of the 255 registers of each of 256 threads. The default
+forward (split scores, BLOCK_N 64, 2 stages, row sums per block) uses 216 KB of shared memory at
+d_qk 576 (200 KB at 512; one program per SM), 255 registers and 6-8 spilled words a thread at
+576 (0 at 512), all its dots warps [4, 2] (each warp group a 64 x 32 half of the scores,
+instrShape [16, 32, 16]; the PV dots [16, 128, 16] from registers); a third stage or wider
+blocks do not fit in 227 KB. _fwd_kernel kept BLOCK_N at 32 (its QK^T wgmma then only 16 keys
+wide per warp group, and computed twice, see below). Triton does not overlap the softmax of one
+block with the GEMMs of the next (no warp specialisation on Hopper in 3.6). The backward's first phase is the forward's two GEMMs (QK^T, dO V^T) with no accumulator;
 its second phase reads 1 MiB of dS and fP per query once per 128-column program (mostly from
 L2), gathers the keys again (per column chunk), and sends s_q x topk x 576 fp32 values to the
 atomics (19.3 GB at s_q 4096, topk 2048). Not tried on a GPU: covering d_qk 576 in one
 second-phase launch (4 programs of 128 value + 16 RoPE columns, or 3 of 128 + 64) instead of 4
 programs of 128 and a launch for the 64 RoPE columns; Triton 3.6 compiled the two with 22 / 54
 spilled registers a thread (written and checked on the CPU, then dropped untimed).
+Duplicated dots in the backward (tools/triton_compile_check.py --dots, Triton 3.6): the first
+phase on its 4 warps has all dots [4, 1] (no duplication, but one warp group per SM: 208 KB of
+shared memory at d_qk 576, 255 registers, 14-26 spilled words); the second phase's dS^T q
+(64 keys x 128 columns x 128 heads) feeds (fP)^T dout as its accumulator and gets [8, 1] on 8
+warps: both warp groups compute it, then a layout conversion through shared memory to the second
+dot's [4, 2] (its dq dot, 128 x 128 x 64, is [8, 1] with 128 rows: not duplicated; the RoPE pass
+has no chained dot). Candidates built against that (BWD_DS_SPLIT, BWD_DKV_SPLIT,
+BWD_DKV_PREFETCH_IDX; not yet timed, off by default), compile check at d_qk 576, h_q 128 (h_q
+64 with sink + lengths, and d_qk 512, in brackets where they differ), shared KB, registers,
+spilled words:
+    (diag name)          first phase                     second phase (128 value columns)
+    dq2 (default)        w4 n64 s1 208  255  14 [26]     w8 n64 s2 192  224 [178, 227]  0
+    p2split              as dq2                          192  179 [149, 191]  0, all [4, 2]
+    p2split_pf           as dq2                          192  181 [146, 197]  0
+    p1split_w8           w8 n64 s1 208  221 [235, 214] 0 as dq2; first phase all [4, 2]
+    split_both           p1split_w8 + p2split_pf
+    split_both_p1n32s2   w8 n32 s2 172 [160 at 512] 174 [179, 162] 0, + p2split_pf
+    split_both_p2s1      split_both, second phase 1 stage: 96 KB, 223 [161, 232] registers
+(the second phase's registers, 180-230 on 256 threads, keep it at one program per SM even where
+its shared memory would allow two). ``tools/diag_sparse_prefill.py --time-bwd`` checks and
+times them.
 
-The split-scores forward (``FWD_VARIANT`` a dict, ``_fwd_split_kernel``; off by default, not yet
-timed on a GPU). In _fwd_kernel the QK^T dots feed the PV dot (through P), and Triton 3.6 lays
+The split-scores forward (``FWD_VARIANT`` a dict, ``_fwd_split_kernel``; the default since its
+H100 timing below). In _fwd_kernel the QK^T dots feed the PV dot (through P), and Triton 3.6 lays
 out such a dot with all warps along M: TTGIR (tools/triton_compile_check.py --dots) shows the
 score dots with warpsPerCTA [8, 1] (64 x 32 with 8 warps: both warp groups compute the same
 scores, i.e. the QK work, 53% of the FLOPs at d_qk 576, is done twice) and the PV dot [4, 2].
@@ -107,20 +136,33 @@ P reaches the PV dots through shared memory; with ``split_v`` the values are two
 halves (two gathers, two [64, 256] accumulators), with ``defer_sum`` the row sums of P are kept
 per thread and reduced once, with ``tau`` the rescale is lazy (see _fwd_split_kernel). Compile
 check (Triton 3.6, sm_90, 64 heads a program; h_q 64 and 128 compile identically), d_qk 576 /
-d_qk 512 with sink + lengths: shared memory in KB, registers, spilled words a thread:
-    default (_fwd_kernel) n32 s2       144 / 128   255 / 255   0 / 0    QK [8,1], PV [4,2]
-    split {} (n32 s2)                  144 / 132   254 / 255   0 / 4    all dots [4,2]
-    split_v off                        144 / 132   254 / 255   0 / 8
-    defer_sum off                      144 / 132   255 / 255   8 / 0
-    num_stages 3                       180 / 164   255 / 255   0 / 6
-    block_n 64, num_stages 1           144 / 136   255 / 255   28 / 20
-    block_n 64, num_stages 2           216 / 200   255 / 255   10 / 6
-    block_n 64, defer_sum off          216 / 200   255 / 255   6 / 0
-    block_n 64, split_v off            216 / 200   255 / 255   44 / 48
-    tau 8 (n32)                        144 / 132   255 / 255   20 / 16
-    tau 8, block_n 64                  216 / 200   255 / 255   78 / 54
+d_qk 512 with sink + lengths: shared memory in KB, registers, spilled words a thread; then the
+H100 timing (2026-11-25, tools/diag_sparse_prefill.py --time-fwd: s_q 4096, h_q 128, h_kv 1,
+d_v 512, topk 2048, s_kv 32768, one randperm row set per query, no sink / lengths; do_bench
+median; each checked against the reference on the first 1024 queries and a corner case with
+sinks, lengths, invalid and duplicated indices), TFLOPS at d_qk 576 / 512 (name in
+FWD_CANDIDATES):
+                                                                        TFLOPS 576 / 512
+    _fwd_kernel n32 s2 ("fwd_kernel") 144 / 128  255 / 255   0 / 0     176.2 / 182.6
+    split {} (n32 s2)                 144 / 132  254 / 255   0 / 4     191.7 / 197.1
+    split_v off                       144 / 132  254 / 255   0 / 8       -
+    defer_sum off ("split_sum")       144 / 132  255 / 255   8 / 0     222.0 / 230.7
+    num_stages 3 ("split_s3")         180 / 164  255 / 255   0 / 6     225.9 / 234.1
+    block_n 64, num_stages 1          144 / 136  255 / 255   28 / 20   240.6 / 284.3
+    block_n 64, num_stages 2          216 / 200  255 / 255   10 / 6    274.7 / 285.7
+    block_n 64, defer_sum off         216 / 200  255 / 255   6 / 0     323.1 / 326.1  DEFAULT
+      ("split_n64_sum": 7232 / 6744 us)
+    block_n 64, split_v off           216 / 200  255 / 255   44 / 48     -
+    tau 8 (n32) ("split_lazy")        144 / 132  255 / 255   20 / 16   204.3 / 211.8
+    tau 8, block_n 64                 216 / 200  255 / 255   78 / 54   242.3 / 265.8
+    FlashMLA flash_mla_sparse_fwd, same inputs                          563.0 / 546.9
 With BLOCK_N 32 each warp group's score wgmma is 16 keys wide (instrShape [16, 16, 16]) and
-re-reads all of Q from shared memory; BLOCK_N 64 doubles that width. The named candidates are
+re-reads all of Q from shared memory; BLOCK_N 64 doubles that width. Keeping per-thread sums
+(defer_sum) costs a [64, 64] fp32 tile of registers at BLOCK_N 64: the per-block row sums were
+faster at both widths. The lazy rescale (tau 8) gained at BLOCK_N 32 (204 vs 192 TFLOPS at
+576) and lost at 64 (242 vs 275; 78 spilled words). The "small" head blocks (fewer
+than 64 heads, or d_v <= 128) run the same kernel with FWD_CONFIG["small"] (4 warps, MMA v2 on
+Hopper; not timed). The named candidates are
 tools/diag_sparse_prefill.py's FWD_CANDIDATES; ``--time-fwd`` checks and times them.
 """
 
@@ -141,7 +183,8 @@ from ._jit import LOG2E, mm as _mm, pow2 as _pow2
 
 # Launch configurations, keyed by head-block size ("big": a full head block, 64 heads forward /
 # BWD_MAX_BLOCK_H backward, and d_v > 128, the DeepSeek shapes; "small": the rest). Entries:
-# (BLOCK_N, num_warps, num_stages). Module globals so a benchmark can try others. Measured on
+# (BLOCK_N, num_warps, num_stages). FWD_CONFIG["big"] is _fwd_kernel's (FWD_VARIANT None); the
+# split-scores kernel takes its "big" configuration from FWD_VARIANT, its "small" one from here. Module globals so a benchmark can try others. Measured on
 # H100 (triton 3.6), production shape, see the docstring:
 #   forward  (32, 8, 2) 12.9 ms; + index prefetch 12.05 ms (best); (32, 8, 3) 13.1; (64, 8, 1)
 #            12.7 with 116 spilled registers; (32, 8, 1) 16.1; (16, 8, 3) 20.7; 16 warps 29-61 ms
@@ -174,6 +217,19 @@ BWD_DKV_CONFIG: Dict[str, Tuple[int, int, int, int]] = {"big": (64, 128, 8, 2),
 # dq in the second phase (dS K per column chunk, keys gathered there) instead of the first:
 # 27.9 vs 30.3 ms on the H100 (the first phase then needs no [64, d_qk] accumulator).
 BWD_DQ_IN_PHASE2 = True
+# Split dots (the duplicated-dot fix of the forward's _qk): Triton 3.6 lays out a dot whose result
+# reaches another dot with all warps along M, so at M = 64 on 8 warps both warp groups compute
+# the same product. First phase (BWD_DS_SPLIT): the score dots (QK^T, its RoPE tail, dO V^T)
+# from zero behind always-true branches, so that 8 warps split the keys ([4, 2]) instead of
+# repeating them; only with BWD_DS_CONFIG's num_warps 8 does it change the layout. Second phase
+# (BWD_DKV_SPLIT): dS^T q, whose result is the accumulator of (fP)^T dout, likewise (TTGIR: it
+# was warps [8, 1] on 8 warps, 64 keys: done twice, then converted through shared memory to the
+# second dot's [4, 2]). BWD_DKV_PREFETCH_IDX: the second phase reads each block's indices one
+# iteration ahead, as the first phase does. Off until timed on the H100 (the candidates of
+# tools/diag_sparse_prefill.py --time-bwd).
+BWD_DS_SPLIT = False
+BWD_DKV_SPLIT = False
+BWD_DKV_PREFETCH_IDX = False
 # The dK/dV partial sums are read only after the kernel ends: no ordering is needed between the
 # atomics ("relaxed"; Triton's default is "acq_rel").
 BWD_ATOMIC_SEM = "relaxed"
@@ -186,10 +242,9 @@ PREFETCH_IDX = True
 BWD_PREFETCH_IDX = False  # the fused backward kernel
 BWD_DS_PREFETCH_IDX = True  # the two-phase backward's first phase (9.05 vs 9.47 ms on the H100)
 
-# Which forward kernel runs (read per call). None: _fwd_kernel with FWD_CONFIG (the scores' dots
-# chained into the PV dot, so at 64 heads on 8 warps both warp groups compute the same scores).
-# A dict: _fwd_split_kernel (the scores as dots from zero behind a branch, each warp group half
-# of the keys; see _qk), its keys overriding FWD_SPLIT_DEFAULTS:
+# Which forward kernel runs (read per call). A dict: _fwd_split_kernel (the scores as dots from
+# zero behind a branch, each warp group half of the keys; see _qk), its keys overriding
+# FWD_SPLIT_DEFAULTS:
 #   split_s    the score dots behind branches (False: plain dots from zero, laid out as chained)
 #   split_v    the values (and Q's first d_v columns) as two halves: two accumulators
 #   defer_sum  per-thread running sums of P, one row sum after the loop
@@ -197,15 +252,20 @@ BWD_DS_PREFETCH_IDX = True  # the two-phase backward's first phase (9.05 vs 9.47
 #              than tau (log2 units; P <= 2**tau); 0: every block (see _fwd_split_kernel)
 #   block_n, num_warps, num_stages   for the "big" head blocks (64 heads, d_v > 128); the
 #              "small" ones keep FWD_CONFIG["small"]
+# None: the first kernel, _fwd_kernel with FWD_CONFIG (the scores' dots chained into the PV dot,
+# so at 64 heads on 8 warps both warp groups compute the same scores).
+# The default is the fastest candidate timed on the H100 (diag_sparse_prefill's "split_n64_sum":
+# 64 keys a block, row sums per block; 323 / 326 TFLOPS at d_qk 576 / 512, see the docstring).
 # TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT (JSON, read at import) sets it for a whole process, e.g.
-# '{}' (the split defaults) or '{"block_n": 64, "num_stages": 1}'.
-FWD_VARIANT: Optional[dict] = None
-_env_variant = os.environ.get("TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT", "").strip()
-if _env_variant:
-    FWD_VARIANT = None if _env_variant.lower() in ("default", "none", "null") \
-        else json.loads(_env_variant)
+# '{}' (the split defaults) or '{"block_n": 64, "num_stages": 1}'; "none" / "null" selects
+# _fwd_kernel, "default" keeps FWD_VARIANT_DEFAULT.
 FWD_SPLIT_DEFAULTS = dict(split_s=True, split_v=True, defer_sum=True, tau=0.0, block_n=32,
                           num_warps=8, num_stages=2)
+FWD_VARIANT_DEFAULT = {"block_n": 64, "defer_sum": False}
+FWD_VARIANT: Optional[dict] = dict(FWD_VARIANT_DEFAULT)
+_env_variant = os.environ.get("TORCH_MLA_SPARSE_PREFILL_FWD_VARIANT", "").strip()
+if _env_variant and _env_variant.lower() != "default":
+    FWD_VARIANT = None if _env_variant.lower() in ("none", "null") else json.loads(_env_variant)
 
 MAX_D_V = 512
 MAX_D_TAIL = 128
@@ -355,6 +415,23 @@ def _qk(q, k, gate, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_S: tl.co
     else:
         s = _mm(q, tl.trans(k), zero, DOT_F32)
     return s
+
+
+@triton.jit
+def _mm0(a, b, gate, M: tl.constexpr, N: tl.constexpr, SPLIT: tl.constexpr,
+         DOT_F32: tl.constexpr):
+    """a @ b ([M, N]) from a zero accumulator, behind an always-true branch on ``gate`` with
+    SPLIT (see _qk: the result then reaches no other dot inside the branch, so Triton does not
+    lay the dot out with all warps along M)."""
+    zero = tl.zeros([M, N], tl.float32)
+    if SPLIT:
+        if gate:
+            r = _mm(a, b, zero, DOT_F32)
+        else:
+            r = _mm(a, b, zero, DOT_F32)
+    else:
+        r = _mm(a, b, zero, DOT_F32)
+    return r
 
 
 @triton.jit
@@ -522,7 +599,7 @@ def _bwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_LEN: tl.constexpr, HAS_SINK: tl.constexpr,
     DK_T: tl.constexpr, PREFETCH_IDX: tl.constexpr, STORE_DS: tl.constexpr, G: tl.constexpr,
-    DO_DQ: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
+    DO_DQ: tl.constexpr, SPLIT_S: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -567,6 +644,7 @@ def _bwd_kernel(
     idx_row = IDX + pid_s * stride_is + kvh * stride_ih
     kv_head = KV + kvh * stride_kvh
     dkv_head = DKV + kvh * stride_dkvh
+    gate = n_keys > 0  # true in every iteration of the loop (SPLIT_S, see _qk)
 
     if DO_DQ:  # else the second phase computes dq (BWD_DQ_IN_PHASE2)
         dq = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -588,13 +666,19 @@ def _bwd_kernel(
         idx64 = idx.to(tl.int64)
         k_rows = kv_head + idx64[:, None] * stride_kvs
         k = _load_rows(k_rows, valid, offs_v, D_V, BLOCK_DV)
-        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
-        if HAS_TAIL:
-            kt = _load_rows(k_rows + D_V, valid, offs_t, D_T, BLOCK_DT)
-            s = _mm(qt, tl.trans(kt), s, DOT_F32)
+        if SPLIT_S:
+            s = _qk(q, k, gate, BLOCK_H, BLOCK_N, True, DOT_F32)
+            if HAS_TAIL:
+                kt = _load_rows(k_rows + D_V, valid, offs_t, D_T, BLOCK_DT)
+                s += _qk(qt, kt, gate, BLOCK_H, BLOCK_N, True, DOT_F32)
+        else:
+            s = _mm(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
+            if HAS_TAIL:
+                kt = _load_rows(k_rows + D_V, valid, offs_t, D_T, BLOCK_DT)
+                s = _mm(qt, tl.trans(kt), s, DOT_F32)
         p = tl.exp2(s * scale_log2 - lse2[:, None])
         p = tl.where(row_ok[:, None] & valid[None, :], p, 0.0)
-        dp = _mm(do, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
+        dp = _qk(do, k, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
         ds = p * (f[:, None] * (dp - delta[:, None]) + dl[:, None])
         ds_lo = (ds * sm_scale).to(k.dtype)
         if DO_DQ:
@@ -669,7 +753,8 @@ def _bwd_dkv_kernel(
     stride_dss, stride_dsh, stride_dkvs, stride_dkvh, stride_dqs, stride_dqh,
     s_kv, topk, group, col0, col_end, n_chunks,
     G: tl.constexpr, DC: tl.constexpr, BLOCK_N: tl.constexpr, USE_DO: tl.constexpr,
-    DO_DQ: tl.constexpr, HAS_LEN: tl.constexpr, ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
+    DO_DQ: tl.constexpr, HAS_LEN: tl.constexpr, SPLIT: tl.constexpr, PREFETCH_IDX: tl.constexpr,
+    ATOMIC_SEM: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Second phase of the two-phase backward: for one query, one kv head and the columns
     [c0, c0 + DC) of d_qk (c0 = col0 + chunk * DC, clipped at col_end), the dK/dV rows of every
@@ -679,7 +764,8 @@ def _bwd_dkv_kernel(
     q's and dout's columns stay in registers / shared memory for the whole loop; dS and fP come
     from the first phase's scratch ([query, kv head, key position, head], in q's dtype).
     With DO_DQ it also gathers those columns of the keys and forms dq[:, c] = dS K[:, c]: the
-    first phase then keeps no [heads, d_qk] accumulator."""
+    first phase then keeps no [heads, d_qk] accumulator. SPLIT / PREFETCH_IDX: see
+    BWD_DKV_SPLIT / BWD_DKV_PREFETCH_IDX."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
     kvh = pid_c // n_chunks
@@ -703,18 +789,25 @@ def _bwd_dkv_kernel(
     idx_row = IDX + pid_s * stride_is + kvh * stride_ih
     ds_base = pid_s * stride_dss + kvh * stride_dsh
     dkv_cols = DKV + kvh * stride_dkvh + offs_c[None, :]
+    gate = n_keys > 0  # true in every iteration of the loop (SPLIT)
     if DO_DQ:
         dq = tl.zeros([G, DC], tl.float32)
         kv_cols = KV + kvh * stride_kvh + offs_c[None, :]
+    if PREFETCH_IDX:
+        idx_next = tl.load(idx_row + offs_n, mask=offs_n < n_keys, other=-1)
     for start in range(0, n_keys, BLOCK_N):
         pos = start + offs_n
         in_len = pos < n_keys
-        idx = tl.load(idx_row + pos, mask=in_len, other=-1)
+        if PREFETCH_IDX:
+            idx = idx_next
+            idx_next = tl.load(idx_row + pos + BLOCK_N, mask=pos + BLOCK_N < n_keys, other=-1)
+        else:
+            idx = tl.load(idx_row + pos, mask=in_len, other=-1)
         valid = in_len & (idx >= 0) & (idx < s_kv)
         at = ds_base + pos[:, None].to(tl.int64) * G + offs_g[None, :]
         ld_mask = in_len[:, None] & g_ok[None, :]
         ds = tl.load(DS + at, mask=ld_mask, other=0.0)  # [BLOCK_N, G]
-        acc = _mm(ds, q, tl.zeros([BLOCK_N, DC], tl.float32), DOT_F32)
+        acc = _mm0(ds, q, gate, BLOCK_N, DC, SPLIT and USE_DO, DOT_F32)
         if USE_DO:
             pf = tl.load(PF + at, mask=ld_mask, other=0.0)
             acc = _mm(pf, do, acc, DOT_F32)
@@ -840,7 +933,7 @@ def _bwd_launch(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, topk_length
         HAS_SINK=attn_sink is not None, DK_T=BWD_DK_TRANSPOSED,
         PREFETCH_IDX=prefetch_idx, STORE_DS=store_ds,
         G=ds.shape[-1] if store_ds else 16, DO_DQ=not (store_ds and BWD_DQ_IN_PHASE2),
-        ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32,
+        SPLIT_S=store_ds and BWD_DS_SPLIT, ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -892,7 +985,8 @@ def _backward_two_phase(kv, sm_scale, d_v, dout, dlse, q, indices, out, lse, top
                 dkv_acc.stride(0), dkv_acc.stride(1), dqs.stride(0), dqs.stride(1),
                 s_kv, topk, group, col0, col_end, n_chunks,
                 G=g, DC=width, BLOCK_N=block_n, USE_DO=use_do, DO_DQ=BWD_DQ_IN_PHASE2,
-                HAS_LEN=lens is not None,
+                HAS_LEN=lens is not None, SPLIT=BWD_DKV_SPLIT,
+                PREFETCH_IDX=BWD_DKV_PREFETCH_IDX,
                 ATOMIC_SEM=BWD_ATOMIC_SEM, DOT_F32=DOT_F32, num_warps=num_warps,
                 num_stages=num_stages,
             )
