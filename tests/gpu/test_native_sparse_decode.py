@@ -46,16 +46,20 @@ def native_library():
 
 # Every test runs on both kernels (the serial mma.sync one and the warp-specialized wgmma one,
 # csrc/sm90/sparse_decode/), the wgmma one also without its crossover (clusters of two CTAs
-# sharing each tile at h_q 128, 256, ...: probe bit 32 turns it off and leaves results exact):
-# the library reads TORCH_MLA_NATIVE_DECODE_WGMMA and _PROBE at every call.
-@pytest.fixture(params=["serial", "wgmma", "wgmma-nocross"], autouse=True)
+# sharing each tile at h_q 128, 256, ...: probe bit 32 turns it off and leaves results exact)
+# and with both consumer warpgroups computing S (probe bit 2048, exact too): the library reads
+# TORCH_MLA_NATIVE_DECODE_WGMMA and _PROBE at every call.
+_PROBES = {"wgmma": None, "wgmma-nocross": "32", "wgmma-twoqk": "2048"}
+
+
+@pytest.fixture(params=["serial", *_PROBES], autouse=True)
 def kernel_variant(request, monkeypatch):
     # the wgmma kernel is the default: the variable unset must select it
     monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_PROBE", raising=False)
     if request.param.startswith("wgmma"):
         monkeypatch.delenv("TORCH_MLA_NATIVE_DECODE_WGMMA", raising=False)
-        if request.param == "wgmma-nocross":
-            monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_PROBE", "32")
+        if _PROBES[request.param] is not None:
+            monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_PROBE", _PROBES[request.param])
     else:
         monkeypatch.setenv("TORCH_MLA_NATIVE_DECODE_WGMMA", "0")
     return request.param

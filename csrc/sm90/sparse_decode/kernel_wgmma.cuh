@@ -390,6 +390,251 @@ __device__ __forceinline__ void store_single(const RawBatch& x, int atom, int la
   }
 }
 
+// The consumers with one warpgroup computing S (FlashMLA's split of the work, our code): per
+// tile, warpgroup 0 computes all of S = Q K^T [64 heads x 64 keys] (wgmma 64x64x16: Q and K
+// each read once from shared memory, where two 64x32 halves read Q twice), runs the online
+// softmax over whole rows (no row-max exchange), writes P and the rows' rescale factors to
+// shared memory, signals warpgroup 1 (kBarP) and multiplies its value columns 0..255; warpgroup
+// 1 only rescales and multiplies columns 256..511. Warpgroup 1's PV of a tile overlaps warpgroup
+// 0's S of the next. Warpgroup 0 rewrites P only after warpgroup 1 has read it (kBarPFree,
+// within an element; across elements kBarSum / kBarElem order them). Register budgets: 200
+// (warpgroup 0: 128 O + 32 S), 168 (warpgroup 1, the launch's), 136 (producer):
+// 128 x (200 + 168 + 136) = 384 x 168.
+constexpr int kQk1Regs = 200;
+constexpr int kBarPFree = 5;
+static_assert(128 * (kQk1Regs + 168 + kProducerRegs) <= kThreads * 168,
+              "register budgets exceed the CTA's pool");
+
+// W: the warpgroup (a template argument, so that each warpgroup's code is its own and ptxas
+// allocates it within that warpgroup's register budget).
+template <int LAYOUT, bool CROSS, int W>
+__device__ __forceinline__ void one_qk_consumers(const SparseDecodeArgs& a, uint8_t* smem,
+                                                 uint64_t* full, uint64_t* remote, uint64_t* full_hi,
+                                                 uint64_t* remote_hi, uint64_t* empty, int wt) {
+  using P = Plan<LAYOUT>;
+  constexpr int kD = Layout<LAYOUT>::kDqk;
+  constexpr int w = W;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  if constexpr (W == 0) cutlass::arch::warpgroup_reg_alloc<kQk1Regs>();
+  const int tid = threadIdx.x;
+  const int hg = blockIdx.x;
+  const int num_jobs = a.s_q * a.num_parts;
+  const uint8_t* sValid = smem + P::kValid;
+  float* sM = reinterpret_cast<float*>(smem + P::kRedMax);  // [64] final row maxima
+  float* sAlpha = sM + 64;                                     // [64] this tile's rescale
+  float* sL = reinterpret_cast<float*>(smem + P::kRedSum);    // [64] final row sums
+  const int lane = wt & 31;
+  const int r0 = 16 * (wt >> 5) + (lane >> 2);  // accumulator rows r0, r0 + 8
+  const int q2 = 2 * (lane & 3);                // accumulator column pair within 8
+  auto mma_qk = make_tiled_mma(SM90_64x64x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{});
+  auto mma_pv = make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{});
+  auto thr_qk = mma_qk.get_thread_slice(wt);
+  auto thr_pv = mma_pv.get_thread_slice(wt);
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<cbf16*>(smem + P::kQ)), typename P::LayoutQK{});
+  Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<cbf16*>(smem + P::kP)), typename P::LayoutP{});
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, _256>{});
+  uint8_t* sPb = smem + P::kP;
+  const bool producer_alone = (a.probe & 1024) != 0;  // profiling: no math
+  int it = 0;
+
+#pragma unroll 1
+  for (int job = blockIdx.y; job < num_jobs; job += gridDim.y) {
+    const JobPlan jp = job_plan(a, job);
+    const int s = jp.s;
+#pragma unroll 1
+    for (int i = jp.b_begin; i <= jp.b_last; ++i) {
+      const ElementPlan e = element_plan(a, i, jp.b_begin, jp.blk_begin, jp.b_end, jp.blk_end,
+                                         jp.first_split, jp.sched_bn);
+      if (!e.run) continue;  // uniform over the CTA
+      const int nt = e.r.ntm + e.r.nte;
+      // both warpgroups are past the last element's reads of Q, P and the row statistics
+      named_barrier_sync(kBarElem, kConsumerThreads);
+      if (nt > 0) {
+        // Q [64 heads x d_qk] -> shared (heads >= h_q as zeros: computed, never stored)
+        const bf16* qb = a.q + i * a.q_stride_b + s * a.q_stride_s;
+        constexpr int kChunks = kD / 8;
+#pragma unroll 2
+        for (int c = tid; c < 64 * kChunks; c += kConsumerThreads) {
+          const int row = c / kChunks;
+          const int ch = c - row * kChunks;
+          const int head = 64 * hg + row;
+          uint8_t* dst = smem + P::kQ + sw128(row, 8 * ch);
+          if (head < a.h_q) {
+            cp_async_16(dst, qb + head * a.q_stride_h + 8 * ch);
+          } else {
+            *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+          }
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+        cutlass::arch::fence_view_async_shared();
+        named_barrier_sync(kBarElem, kConsumerThreads);
+      }
+
+      clear(tOrO);
+      float m0 = -INFINITY, m1 = -INFINITY;  // warpgroup 0: running max (log2) of rows r0, r0 + 8
+      float l0 = 0.f, l1 = 0.f;              // warpgroup 0: this thread's share of the row sums
+
+#pragma unroll 1
+      for (int k = 0; k < nt; ++k, ++it) {
+        const int st = it & 1;
+        const uint32_t ph = (it >> 1) & 1;
+        cbf16* kst = reinterpret_cast<cbf16*>(smem + P::kK + st * P::kTile);
+        if (W == 1 || producer_alone) {
+          if (W == 1 && !producer_alone) named_barrier_sync(kBarP, kConsumerThreads);
+          // The stage is complete by now (warpgroup 0 waited for it before S); this warpgroup
+          // waits on the same phases too, so its wgmma reads observe the stage directly.
+          Barrier::wait(&full[st], ph);
+          Barrier::wait(&full_hi[st], ph);
+          if constexpr (CROSS) {
+            Barrier::wait(&remote[st], ph);
+            Barrier::wait(&remote_hi[st], ph);
+          }
+        }
+        if (producer_alone) {
+          if constexpr (CROSS) {
+            __syncwarp();
+            Barrier::arrive(&empty[st], 0u, lane == 0);
+            Barrier::arrive(&empty[st], 1u, lane == 0);
+          } else {
+            Barrier::arrive(&empty[st]);
+          }
+          continue;
+        }
+        float alpha0, alpha1;
+        if constexpr (W == 0) {
+          // ---- S = Q K^T, 64 heads x 64 keys: columns 0..255 on the stage's first half ----
+          Barrier::wait(&full[st], ph);
+          if constexpr (CROSS) Barrier::wait(&remote[st], ph);
+          Tensor sK = make_tensor(make_smem_ptr(kst), typename P::LayoutQK{});
+          Tensor tSrK = thr_qk.partition_fragment_B(sK);
+          Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, _64>{});
+          warpgroup_fence_operand(tSrS);
+          warpgroup_arrive();
+          mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
+          constexpr int kLoK = P::kLoCols / 16;
+          CUTE_UNROLL
+          for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+            if (kb == kLoK) {
+              Barrier::wait(&full_hi[st], ph);
+              if constexpr (CROSS) Barrier::wait(&remote_hi[st], ph);
+            }
+            cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+            mma_qk.accumulate_ = GMMA::ScaleOut::One;
+          }
+          warpgroup_commit_batch();
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tSrS);
+
+          // ---- online softmax over whole rows (log2 domain); S element 4 n + 2 h + e: row
+          // r0 + 8 h, key 8 n + q2 + e
+          const uint8_t* vflag = sValid + st * 64 + q2;
+          float mx0 = -INFINITY, mx1 = -INFINITY;
+          CUTE_UNROLL
+          for (int n = 0; n < 8; ++n) {
+            CUTE_UNROLL
+            for (int e2 = 0; e2 < 2; ++e2) {
+              const bool v = vflag[8 * n + e2] != 0;
+              tSrS(4 * n + e2) = v ? tSrS(4 * n + e2) * a.scale_log2 : -INFINITY;
+              tSrS(4 * n + 2 + e2) = v ? tSrS(4 * n + 2 + e2) * a.scale_log2 : -INFINITY;
+              mx0 = fmaxf(mx0, tSrS(4 * n + e2));
+              mx1 = fmaxf(mx1, tSrS(4 * n + 2 + e2));
+            }
+          }
+          const float mn0 = fmaxf(m0, warp_quad_max(mx0));
+          const float mn1 = fmaxf(m1, warp_quad_max(mx1));
+          // A row that has seen no valid key keeps max -inf: shift by 0 there (no -inf - -inf).
+          const float mu0 = mn0 == -INFINITY ? 0.f : mn0;
+          const float mu1 = mn1 == -INFINITY ? 0.f : mn1;
+          alpha0 = exp2f(m0 - mu0);
+          alpha1 = exp2f(m1 - mu1);
+          m0 = mn0;
+          m1 = mn1;
+          float ps0 = 0.f, ps1 = 0.f;
+          CUTE_UNROLL
+          for (int n = 0; n < 8; ++n) {
+            tSrS(4 * n + 0) = exp2f(tSrS(4 * n + 0) - mu0);
+            tSrS(4 * n + 1) = exp2f(tSrS(4 * n + 1) - mu0);
+            tSrS(4 * n + 2) = exp2f(tSrS(4 * n + 2) - mu1);
+            tSrS(4 * n + 3) = exp2f(tSrS(4 * n + 3) - mu1);
+            ps0 += tSrS(4 * n + 0) + tSrS(4 * n + 1);
+            ps1 += tSrS(4 * n + 2) + tSrS(4 * n + 3);
+          }
+          l0 = l0 * alpha0 + ps0;
+          l1 = l1 * alpha1 + ps1;
+          if (k > 0) named_barrier_sync(kBarPFree, kConsumerThreads);  // warpgroup 1 read P(k-1)
+          CUTE_UNROLL
+          for (int n = 0; n < 8; ++n) {
+            const int key = 8 * n + q2;
+            *reinterpret_cast<uint32_t*>(sPb + sw128(r0, key)) = pack_bf16x2(tSrS(4 * n), tSrS(4 * n + 1));
+            *reinterpret_cast<uint32_t*>(sPb + sw128(r0 + 8, key)) =
+                pack_bf16x2(tSrS(4 * n + 2), tSrS(4 * n + 3));
+          }
+          if ((lane & 3) == 0) {
+            sAlpha[r0] = alpha0;
+            sAlpha[r0 + 8] = alpha1;
+          }
+          cutlass::arch::fence_view_async_shared();  // P stores -> both warpgroups' wgmma reads
+          named_barrier_arrive(kBarP, kConsumerThreads);
+        } else {
+          alpha0 = sAlpha[r0];
+          alpha1 = sAlpha[r0 + 8];
+        }
+        CUTE_UNROLL
+        for (int j = 0; j < 32; ++j) {
+          tOrO(4 * j + 0) *= alpha0;
+          tOrO(4 * j + 1) *= alpha0;
+          tOrO(4 * j + 2) *= alpha1;
+          tOrO(4 * j + 3) *= alpha1;
+        }
+        // ---- O[64 heads x 256 columns of this warpgroup] += P V ----
+        Tensor sVt = make_tensor(make_smem_ptr(kst), typename P::LayoutVt{});
+        Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, Shape<_256, _64>{}, make_coord(w, _0{})));
+        warpgroup_fence_operand(tOrO);
+        warpgroup_arrive();
+        CUTE_UNROLL
+        for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+        warpgroup_commit_batch();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tOrO);
+        // warpgroup 1 is done with P and alpha of this tile (warpgroup 0 waits before the next)
+        if (W == 1 && k + 1 < nt) named_barrier_arrive(kBarPFree, kConsumerThreads);
+        if constexpr (CROSS) {
+          __syncwarp();  // the warp's wgmma reads of the stage are done
+          Barrier::arrive(&empty[st], 0u, lane == 0);
+          Barrier::arrive(&empty[st], 1u, lane == 0);
+        } else {
+          Barrier::arrive(&empty[st]);
+        }
+      }
+
+      // ---- finish: warpgroup 0 holds the rows' statistics; warpgroup 1 reads them ----
+      if constexpr (W == 0) {
+        l0 = warp_quad_sum(l0);
+        l1 = warp_quad_sum(l1);
+        if ((lane & 3) == 0) {
+          sM[r0] = m0;
+          sM[r0 + 8] = m1;
+          sL[r0] = l0;
+          sL[r0 + 8] = l1;
+        }
+      }
+      named_barrier_sync(kBarSum, kConsumerThreads);
+      if constexpr (W == 1) {
+        m0 = sM[r0];
+        m1 = sM[r0 + 8];
+        l0 = sL[r0];
+        l1 = sL[r0 + 8];
+      }
+      write_decode_rows(a, i, s, e.nsp, e.split, 64 * hg + r0, 256 * w + q2, m0, m1, l0, l1,
+                        w == 0 && (lane & 3) == 0,
+                        [&](int j, int h, int c) { return tOrO(4 * j + 2 * h + c); });
+    }
+  }
+}
+
 // CROSS (the crossover): launched as clusters of two CTAs, head groups 2 j and 2 j + 1 of the
 // same query token and schedule part, hence the same tiles. Each producer gathers and
 // dequantizes the NoPE columns of half of every tile's rows (and all RoPE columns) into its own
@@ -403,7 +648,7 @@ __device__ __forceinline__ void store_single(const RawBatch& x, int atom, int la
 // Persistent over jobs: job j = (schedule part j / s_q, query token j % s_q); the grid's y
 // extent is at most what the GPU holds at once (the launcher), and CTA y walks jobs y, y +
 // gridDim.y, ... so the producer runs ahead into the next job while the consumers finish one.
-template <int LAYOUT, bool CROSS>
+template <int LAYOUT, bool CROSS, bool QK1>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const SparseDecodeArgs a) {
   using L = Layout<LAYOUT>;
   using P = Plan<LAYOUT>;
@@ -563,6 +808,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   }
 
   // ======================================= consumers ========================================
+  if constexpr (QK1) {
+    if (wg == 0) {
+      one_qk_consumers<LAYOUT, CROSS, 0>(a, smem, full, remote, full_hi, remote_hi, empty, wt);
+    } else {
+      one_qk_consumers<LAYOUT, CROSS, 1>(a, smem, full, remote, full_hi, remote_hi, empty, wt);
+    }
+    if constexpr (CROSS) cluster_sync_all();  // the peer no longer writes into this CTA
+    return;
+  }
   cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
   const int w = wg;  // QK: keys 32 w ..; PV: value columns 256 w ..
   const int lane = wt & 31;
@@ -747,11 +1001,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   if constexpr (CROSS) cluster_sync_all();  // the peer no longer writes into this CTA
 }
 
-template <int LAYOUT, bool CROSS>
+template <int LAYOUT, bool CROSS, bool QK1>
 cudaError_t launch_variant(const SparseDecodeArgs& a, cudaStream_t stream) {
   constexpr int kSmem = Plan<LAYOUT>::kBytes;
   constexpr int kCluster = CROSS ? 2 : 1;
-  auto kernel = sparse_decode_wgmma_kernel<LAYOUT, CROSS>;
+  auto kernel = sparse_decode_wgmma_kernel<LAYOUT, CROSS, QK1>;
   static std::atomic<uint64_t> configured{0};
   static std::atomic<int> resident[64];
   cudaError_t err = opt_in_dynamic_smem(kernel, kSmem, configured);
@@ -770,10 +1024,17 @@ cudaError_t launch_variant(const SparseDecodeArgs& a, cudaStream_t stream) {
 
 // The crossover whenever the head groups pair up (h_q a multiple of 128); probe 32 turns it off
 // (profiling).
+template <int LAYOUT, bool QK1>
+cudaError_t launch_qk(const SparseDecodeArgs& a, cudaStream_t stream) {
+  if (cdiv(a.h_q, 64) % 2 == 0 && !(a.probe & 32)) return launch_variant<LAYOUT, true, QK1>(a, stream);
+  return launch_variant<LAYOUT, false, QK1>(a, stream);
+}
+
+// One warpgroup computes S (one_qk_consumers) unless probe 2048 asks for the two-warpgroup S.
 template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
-  if (cdiv(a.h_q, 64) % 2 == 0 && !(a.probe & 32)) return launch_variant<LAYOUT, true>(a, stream);
-  return launch_variant<LAYOUT, false>(a, stream);
+  if (a.probe & 2048) return launch_qk<LAYOUT, false>(a, stream);
+  return launch_qk<LAYOUT, true>(a, stream);
 }
 
 }  // namespace tmla::sm90::sparse_decode_wgmma
