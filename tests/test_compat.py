@@ -149,7 +149,7 @@ def test_sched_meta_records_first_call_and_schedule():
     assert meta.config == FlashMLASchedMeta.Config(
         b=2, s_q=2, h_q=4, page_block_size=4, h_k=1, causal=False, is_fp8_kvcache=True, topk=8,
         extra_page_block_size=None, extra_topk=None)
-    want = torch_mla.decode_schedule(kw["topk_length"])
+    want = torch_mla.decode_schedule(kw["topk_length"], h_q=q.shape[2], s_q=q.shape[1])
     assert torch.equal(meta.tile_scheduler_metadata, want.metadata)
     assert torch.equal(meta.num_splits, want.num_splits)
     # a consistent second call (another layer of the same step) reuses it and works

@@ -63,7 +63,7 @@ def test_schedule_all_empty():
 
 def test_default_parts_follow_the_head_blocks(monkeypatch):
     """Without num_parts the schedule has one part per SM, divided by the 64-head blocks of h_q
-    when given (one wave of the decode kernels' programs)."""
+    and by s_q when given (one wave of the decode kernels' programs)."""
     import torch_mla._device as dev
 
     monkeypatch.setattr(dev, "sm_count", lambda device: 132)
@@ -74,3 +74,8 @@ def test_default_parts_follow_the_head_blocks(monkeypatch):
     assert torch_mla.decode_schedule(lens, h_q=16).metadata.shape[0] == 132
     assert torch_mla.decode_schedule(lens, h_q=192).metadata.shape[0] == 44
     assert torch_mla.decode_schedule(lens, h_q=128, num_parts=7).metadata.shape[0] == 7
+    # s_q counts as FlashMLA's metadata counts s_q * h_q query rows: one job per SM
+    assert torch_mla.decode_schedule(lens, h_q=128, s_q=2).metadata.shape[0] == 33
+    assert torch_mla.decode_schedule(lens, h_q=64, s_q=4).metadata.shape[0] == 33
+    assert torch_mla.decode_schedule(lens, h_q=128, s_q=1).metadata.shape[0] == 66
+    assert torch_mla.decode_schedule(lens, h_q=128, s_q=200).metadata.shape[0] == 1

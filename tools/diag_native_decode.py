@@ -27,7 +27,8 @@ def main() -> None:
     case = next(c for c in C.all_cases() if c.op == "sparse_decode" and match in c.name)
     for n in parts:
         if n is not None:
-            C._schedule = lambda seqlens, h_q, n=n: torch_mla.decode_schedule(seqlens, num_parts=n)
+            C._schedule = lambda seqlens, h_q, s_q, n=n: torch_mla.decode_schedule(seqlens,
+                                                                            num_parts=n)
         print(f"{case.name}, schedule parts: {n or 'default'}", flush=True)
         run(C.build(case, torch.device("cuda")), probes)
 

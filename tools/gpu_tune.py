@@ -16,13 +16,13 @@ variants (its VARIANT and COMBINE_CONFIG knobs; DECODE_VARIANTS='[{...}, ...]' i
 replaces the list, null meaning the gather kernel; DECODE_PROFILE=1 adds each variant's device
 time per kernel) at the three production shapes of the target (paged bf16
 cache, block 64, h_q 128, d_qk 576, d_v 512; the bench's inputs and its precomputed
-decode_schedule(h_q=128)); every variant is first checked against the reference backend on four
+decode_schedule(h_q=128, s_q=s_q)); every variant is first checked against the reference backend on four
 batch elements (first, second, middle, last), then timed with CUDA-graph replay, median; FlashMLA
 is timed alongside where its peer imports (PYTHONPATH=...$peer), else its published H100 figures
 are the ratio's base. sparse: torch_mla.triton.sparse_decode's VARIANT knob (None: the chunked
 kernel; a dict: the split-scores variant; SPARSE_VARIANTS='[null, {...}]' in the environment
 replaces the list) on the bench's five sparse_decode rows (its inputs and precomputed
-decode_schedule(h_q)), each variant first checked against the reference backend on two batch
+decode_schedule(h_q, s_q)), each variant first checked against the reference backend on two batch
 elements (the first and the last), then timed with CUDA-graph replay, median; FlashMLA timed
 alongside where it imports (PYTHONPATH=...$peer), else its README figures are the base.
 """
@@ -223,7 +223,7 @@ def _decode_inputs(b, s_q, s_k, dev, gen, h_q=128, d=576, bs=64):
     table = torch.randperm(b * nblk, generator=gen, device=dev).to(torch.int32).view(b, nblk)
     cache = cases._randn(gen, (b * nblk, bs, 1, d), dev)  # noqa: SLF001
     seqlens = torch.full((b,), s_k, dtype=torch.int32, device=dev)
-    sched = torch_mla.decode_schedule(seqlens, h_q=h_q)
+    sched = torch_mla.decode_schedule(seqlens, h_q=h_q, s_q=s_q)  # the bench's schedule
     return q, cache, table, seqlens, sched
 
 
@@ -372,7 +372,7 @@ def _sparse_inputs(sp, dev, gen):
     scale = d_qk ** -0.5
     total = sp["topk"] + (sp.get("extra_topk") or 0)
     sched = torch_mla.decode_schedule(torch.full((b,), total, dtype=torch.int32, device=dev),
-                                      h_q=h_q)
+                                      h_q=h_q, s_q=s_q)  # the bench's schedule
     args = dict(q=q, cache=cache, idx=idx, ecache=ecache, eidx=eidx, scale=scale, sched=sched)
     flash = None
     try:

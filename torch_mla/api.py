@@ -205,24 +205,27 @@ def write_kv_cache(k_cache: Tensor, kv: Tensor, slot_mapping: Tensor, layout: st
     torch.ops.mla.write_kv_cache(k_cache, kv, slot_mapping, layout)
 
 
-def _decode_schedule_args(seqlens, *, num_parts=None, block_n=64, h_q=None):
+def _decode_schedule_args(seqlens, *, num_parts=None, block_n=64, h_q=None, s_q=None):
     if num_parts is None:
-        num_parts = decode_parts(seqlens.device, h_q)
+        num_parts = decode_parts(seqlens.device, h_q, s_q)
     return (seqlens, int(num_parts), int(block_n))
 
 
 def decode_schedule(seqlens: Tensor, *, num_parts: Optional[int] = None, block_n: int = 64,
-                    h_q: Optional[int] = None) -> DecodeSchedule:
+                    h_q: Optional[int] = None, s_q: Optional[int] = None) -> DecodeSchedule:
     """Split decode work across the GPU, on the device (no host sync, CUDA-graph safe).
 
     Args:
         seqlens: ``[b]`` int32 keys per batch element: ``cache_seqlens`` for ``dense_decode``;
             for ``sparse_decode``, ``topk_length`` (plus ``extra_topk_length``) or the topk.
         num_parts: how many persistent workers share the work (default: the GPU's SM count,
-            divided by the 64-head blocks of ``h_q`` when it is given).
+            divided by the 64-head blocks of ``h_q`` and by ``s_q`` when they are given, as
+            FlashMLA's ``get_mla_metadata`` counts ``s_q * h_q`` query rows).
         block_n: keys per block of work.
         h_q: query heads of the calls the schedule is for (``q.shape[2]``); pass it so that
             the default part count fills the GPU in one wave of 64-head programs.
+        s_q: query tokens per batch element of those calls (``q.shape[1]``); pass it too, so
+            that each (part, token, 64 heads) job has an SM of its own.
 
     Returns:
         ``DecodeSchedule(metadata [num_parts, 8], num_splits [b + 1])``, int32; the layout is
@@ -230,7 +233,7 @@ def decode_schedule(seqlens: Tensor, *, num_parts: Optional[int] = None, block_n
         every layer.
     """
     return DecodeSchedule(*torch.ops.mla.decode_schedule(*_decode_schedule_args(
-        seqlens, num_parts=num_parts, block_n=block_n, h_q=h_q)))
+        seqlens, num_parts=num_parts, block_n=block_n, h_q=h_q, s_q=s_q)))
 
 
 _ARGS = {

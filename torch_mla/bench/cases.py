@@ -216,9 +216,9 @@ def fp8_cache(gen, num_blocks: int, block_size: int, layout: str, device) -> tor
     return cache
 
 
-def _schedule(seqlens: torch.Tensor, h_q: int):
-    try:
-        return torch_mla.decode_schedule(seqlens, h_q=h_q)
+def _schedule(seqlens: torch.Tensor, h_q: int, s_q: int):
+    try:  # the default part count, as FlashMLA's get_mla_metadata makes for its own call
+        return torch_mla.decode_schedule(seqlens, h_q=h_q, s_q=s_q)
     except Exception:  # the ops compute their own split when none is given
         return None
 
@@ -268,7 +268,7 @@ def _dense_decode(sp, dev, gen) -> Built:
     cache = _randn(gen, (b * nblk, bs, 1, d), dev)
     seqlens = torch.full((b,), s_k, dtype=torch.int32, device=dev)
     scale = d ** -0.5
-    sched = _schedule(seqlens, h_q)
+    sched = _schedule(seqlens, h_q, s_q)
     flops, nbytes = F.dense_decode(b, s_q, h_q, 1, b * s_k, d, d_v)
     refused: Dict[str, str] = {}
     calls = _with_ours(lambda: torch_mla.dense_decode(
@@ -311,7 +311,7 @@ def _sparse_decode(sp, dev, gen) -> Built:
     q = _randn(gen, (b, s_q, h_q, d_qk), dev, scale=1.0)  # FlashMLA: randn clamped to [-1, 1]
     scale = d_qk ** -0.5
     total = sp["topk"] + (sp.get("extra_topk") or 0)
-    sched = _schedule(torch.full((b,), total, dtype=torch.int32, device=dev), h_q)
+    sched = _schedule(torch.full((b,), total, dtype=torch.int32, device=dev), h_q, s_q)
     flops, nbytes = F.sparse_decode(b, s_q, h_q, d_qk, d_v, attended, retrieved)
     refused: Dict[str, str] = {}
     call = lambda: torch_mla.sparse_decode(  # noqa: E731

@@ -200,7 +200,7 @@ def flash_mla_with_kvcache(
             seqlens = _sparse_seqlens(q, topk, topk_length, extra_topk, extra_topk_length)
         else:
             seqlens = cache_seqlens
-        schedule = api.decode_schedule(seqlens, h_q=q.shape[2])
+        schedule = api.decode_schedule(seqlens, h_q=q.shape[2], s_q=q.shape[1])
         sched_meta.have_initialized = True
         sched_meta.config = config
         sched_meta.tile_scheduler_metadata = schedule.metadata

@@ -85,10 +85,10 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
         num_parts = schedule_metadata.shape[0]
         copy_schedule = not (schedule_metadata.is_contiguous() and num_splits.is_contiguous())
     else:
-        # decode_schedule's default (one wave of 64-head parts; the grid's s_q axis adds waves,
-        # which measured faster than dividing the parts by s_q: 454 vs 471 us at V32 b=64 s_q=2
-        # h_q=128 on the H100)
-        num_parts = decode_parts(dev, h_q)
+        # decode_schedule's default for this call: one (part, token, 64 heads) job per CTA slot
+        # of the persistent kernel (V32 b=128 s_q=2 h_q=128 on the H100: 395 us with 33 parts,
+        # ~426 with 66; the first, non-persistent kernel preferred 66)
+        num_parts = decode_parts(dev, h_q, s_q)
         copy_schedule = False
     ws_bytes = workspace_bytes(b, s_q, h_q, num_parts, has_schedule)
     qs0, qs1, qs2 = q.stride()[:3]

@@ -11,9 +11,11 @@ call captures into a CUDA graph):
   ``num_parts`` equal runs; without a schedule argument we
   compute one on the device from exactly these per-set-rounded counts, with num_parts = SM count
   // (h_q / BLOCK_H) (SM count cached per device), so that the main grid is one wave.
-* Main kernel, grid ``(num_parts, h_q // BLOCK_H)``. A program reads its run from the metadata
-  row and walks the batch elements it touches. For each one, and each of its s_q query rows (each
-  row has its own indices), it runs an online softmax over its blocks of that batch: gather
+* Main kernel, grid ``(num_parts, h_q // BLOCK_H, S)``. A program reads its run from the metadata
+  row and walks the batch elements it touches. For each one, and each of its query rows (tokens
+  z, z + S, ... of the s_q: S > 1 when the parts and head blocks alone leave SMs idle, as with a
+  schedule that counted s_q, see run's s_blocks; each row has its own indices), it runs an online
+  softmax over its blocks of that batch: gather
   BLOCK_N indices, mask the invalid ones (position >= length, index < 0 or >= num_blocks *
   block_size: their bytes are never loaded), load the tokens' bytes through their block base
   (``cache + (idx // block_size) * stride(0)``), dequantize in registers (e4m3 bits -> f32, times
@@ -446,7 +448,7 @@ def _sparse_decode_kernel(
         if (nsp > 0) & (split < n_ws):
             if SPLIT:
                 gate = hi > lo  # true wherever a tile runs (see _qk_part)
-                for s in range(0, s_q):
+                for s in range(tl.program_id(2), s_q, tl.num_programs(2)):
                     qp = (q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh
                           + tl.arange(0, 256)[None, :])
                     q_a = tl.load(qp)
@@ -502,7 +504,7 @@ def _sparse_decode_kernel(
                         _store_block(wp, acc_b, inv, 512, 256)
                         tl.store(ws_lse + wrow, lse2)
             else:
-                for s in range(0, s_q):
+                for s in range(tl.program_id(2), s_q, tl.num_programs(2)):
                     qp = q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh + cols[None, :]
                     q0 = tl.load(qp)
                     q1 = tl.load(qp + 64)
@@ -811,6 +813,7 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
     etopk = extra_indices.shape[2] if has_extra else 0
     block_h = _block_h(h_q)
     head_blocks = h_q // block_h
+    sms = sm_count(dev)  # (the s_blocks of run: see there)
     has_schedule = schedule_metadata is not None
     if has_schedule:
         copy_schedule = not (schedule_metadata.is_contiguous() and num_splits.is_contiguous())
@@ -856,6 +859,11 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
                                                             _num_parts(dev, head_blocks), _SB)
         num_parts = schedule_metadata.shape[0]
         n_ws = b + num_parts
+        # The grid's third axis: query tokens spread over programs (a program takes tokens z,
+        # z + S, ...) where the parts and head blocks leave SMs idle, e.g. with a schedule that
+        # counted the s_q tokens (decode_schedule(h_q=, s_q=), as FlashMLA's metadata does);
+        # 1 (every program all s_q tokens) where they fill the GPU. (Inline: a per-call cost.)
+        s_blocks = max(1, min(s_q, sms * _TUNE["ctas_per_sm"] // max(1, num_parts * head_blocks)))
         cfg = _config(block_h, layout_id)
         if index is not None and index != _current_device():
             guard, stream = torch.cuda.device(index), None
@@ -889,7 +897,7 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
                 ep, eip = extra_k_cache.data_ptr(), extra_indices.data_ptr()
             else:
                 ep, eip = kp, ip
-            c(num_parts, head_blocks, 1, stream, *fixed, None, None, None,
+            c(num_parts, head_blocks, s_blocks, stream, *fixed, None, None, None,
               qp, sq0, sq1, sq2,
               kp, kc_stride0, kc_bs, kc_slots,
               ip, si0, si1, topk, lp,
@@ -923,7 +931,7 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
                            HAS_ELEN=has_elen, HAS_SINK=has_sink, BLOCK_H=block_h,
                            BLOCK_N=block_n, DOT_F32=DOT_F32, num_warps=num_warps,
                            num_stages=num_stages, **split_kw)
-            kern = _launch(main_site, (num_parts, head_blocks), *main_args, **main_kw)
+            kern = _launch(main_site, (num_parts, head_blocks, s_blocks), *main_args, **main_kw)
             if _TUNE.get("debug"):  # tuning scripts read registers / spills / shared memory
                 _TUNE["last_kernel"] = kern
             # Always launched: whether any batch element has 0 or >= 2 splits is known only on
@@ -933,8 +941,8 @@ def prepare(q, k_cache, indices, topk_length=None, attn_sink=None, extra_k_cache
             comb_kw = dict(HAS_SINK=has_sink, BLOCK_H=16, D=_D_V_MAX, num_warps=4)
             ckern = _launch(combine_site, combine_grid, *comb_args, **comb_kw)
         if _DIRECT_C and stream is not None and not _TUNE.get("debug"):
-            m = _c_launch(_sparse_decode_kernel, kern, (num_parts, head_blocks, 1), main_args,
-                          main_kw, stream)
+            m = _c_launch(_sparse_decode_kernel, kern, (num_parts, head_blocks, s_blocks),
+                          main_args, main_kw, stream)
             cm = m and _c_launch(_combine_kernel, ckern, (*combine_grid, 1), comb_args, comb_kw,
                                  stream)
             c_state[0] = (num_parts, cfg, (*m, *cm)) if cm else None
