@@ -336,7 +336,7 @@ def test_library_schedule_matches_decode_schedule(d, etopk):
     b, s_q, h_q, topk = 16, 2, 128, 1024
     q, cache, kw = make(d, b, s_q, h_q, topk, etopk, tokens_per_b=1024)
     sched = torch_mla.decode_schedule(_rounded_counts(kw, topk, etopk),
-                                      num_parts=decode_parts(q.device, h_q))
+                                      num_parts=decode_parts(q.device, h_q, s_q))
     out1, lse1 = run_native(q, cache, kw)
     out2, lse2 = run_native(q, cache, kw, schedule=sched)
     # same parts -> same splits -> the same arithmetic, bit for bit
