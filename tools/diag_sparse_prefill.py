@@ -91,6 +91,11 @@ BWD_CANDIDATES = {
     "split_both": _BOTH,
     "split_both_p1n32s2": {**_BOTH, "BWD_DS_CONFIG": _ds(32, 8, 2)},
     "split_both_p2s1": {**_BOTH, "BWD_DKV_CONFIG": _dkv(64, 128, 8, 1)},
+    # (2026-11-25, after p2split_pf's 199.7 TFLOPS at s_kv 32768) its second phase's tiles
+    "p2pf_dc256_s1": {**_P2, "BWD_DKV_PREFETCH_IDX": True, "BWD_DKV_CONFIG": _dkv(64, 256, 8, 1)},
+    "p2pf_n32": {**_P2, "BWD_DKV_PREFETCH_IDX": True, "BWD_DKV_CONFIG": _dkv(32, 128, 8, 2)},
+    "p2pf_n128_s1": {**_P2, "BWD_DKV_PREFETCH_IDX": True, "BWD_DKV_CONFIG": _dkv(128, 128, 8, 1)},
+    "p2pf_dc64_w4": {**_P2, "BWD_DKV_PREFETCH_IDX": True, "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2)},
 }
 # what --time-bwd checks and times when given no names: the default and the new candidates
 BWD_TIME_DEFAULT = ["dq2", "p2split", "p2split_pf", "p1split_w8", "split_both",
