@@ -59,7 +59,7 @@ _FUSED = {"BWD_MODE": "fused", "BWD_MAX_BLOCK_H": 32, "BWD_DK_TRANSPOSED": False
 _DQ1 = {"BWD_MODE": "two_phase", "BWD_DQ_IN_PHASE2": False, "BWD_DS_PREFETCH_IDX": False,
         "BWD_ATOMIC_SEM": "relaxed", "BWD_DS_MAX_BLOCK_H": 64, "BWD_DS_CONFIG": _ds(32, 8, 1),
         "BWD_DKV_CONFIG": _dkv(64, 64, 4, 2), "BWD_SCRATCH_BYTES": 512 << 20, **_NEW_OFF}
-# two phases, dq formed by the second: the module's default (c79f1d1)
+# two phases, dq formed by the second: the module's default from c79f1d1 until p2split_pf
 _DQ2 = {**_DQ1, "BWD_DQ_IN_PHASE2": True, "BWD_DS_PREFETCH_IDX": True,
         "BWD_DS_CONFIG": _ds(64, 4, 1), "BWD_DKV_CONFIG": _dkv(64, 128, 8, 2)}
 # the split dots (sparse_prefill.BWD_DS_SPLIT / BWD_DKV_SPLIT) on top of the default

@@ -110,11 +110,11 @@ shared memory at d_qk 576, 255 registers, 14-26 spilled words); the second phase
 warps: both warp groups compute it, then a layout conversion through shared memory to the second
 dot's [4, 2] (its dq dot, 128 x 128 x 64, is [8, 1] with 128 rows: not duplicated; the RoPE pass
 has no chained dot). Candidates built against that (BWD_DS_SPLIT, BWD_DKV_SPLIT,
-BWD_DKV_PREFETCH_IDX; not yet timed, off by default), compile check at d_qk 576, h_q 128 (h_q
+BWD_DKV_PREFETCH_IDX; the last two now on by default), compile check at d_qk 576, h_q 128 (h_q
 64 with sink + lengths, and d_qk 512, in brackets where they differ), shared KB, registers,
 spilled words:
     (diag name)          first phase                     second phase (128 value columns)
-    dq2 (default)        w4 n64 s1 208  255  14 [26]     w8 n64 s2 192  224 [178, 227]  0
+    dq2 (old default)    w4 n64 s1 208  255  14 [26]     w8 n64 s2 192  224 [178, 227]  0
     p2split              as dq2                          192  179 [149, 191]  0, all [4, 2]
     p2split_pf           as dq2                          192  181 [146, 197]  0
     p1split_w8           w8 n64 s1 208  221 [235, 214] 0 as dq2; first phase all [4, 2]
@@ -123,7 +123,21 @@ spilled words:
     split_both_p2s1      split_both, second phase 1 stage: 96 KB, 223 [161, 232] registers
 (the second phase's registers, 180-230 on 256 threads, keep it at one program per SM even where
 its shared memory would allow two). ``tools/diag_sparse_prefill.py --time-bwd`` checks and
-times them.
+times them. H100, 2026-11-25 (Triton 3.6, torch 2.11; s_q 4096, h_q 128, d_qk 576, d_v 512,
+topk 2048; do_bench median; each checked against the reference at s_q 64 with sinks, lengths,
+invalid and duplicated indices and random dlse, and against dq2 at the full shape), ms and
+TFLOPS (2.5x the forward's FLOPs), s_kv 32768 / 8192:
+    dq2 (the default before)   33.34 175.2 / 27.46 212.7    (first phase 11.08 / 9.04 ms)
+    p2split                    29.54 197.7 / 23.39 249.8
+    p2split_pf (the default)   29.25 199.7 / 23.09 253.0    (a second run: 29.22 ms, 199.9)
+    p1split_w8                 33.39 174.9 / 27.99 208.7
+    split_both                 29.27 199.6 / 23.57 247.8
+    split_both_p1n32s2         32.97 177.2 / 26.72 218.6    (first phase 14.81 / 12.68 ms)
+    split_both_p2s1            34.09 171.3 / 26.40 221.3
+and, around p2split_pf's second phase (s_kv 32768 only): 256 columns in one stage 36.91 ms,
+32 keys 34.56, 128 keys in one stage 36.69, 64 columns on 4 warps 36.25 (3 stages of 128
+columns exceed shared memory at h_q 128). So the backward is at 199.7-199.9 TFLOPS on the
+benchmark's shape (target 200): the first phase (11.1 ms) is the next thing to take on.
 
 The split-scores forward (``FWD_VARIANT`` a dict, ``_fwd_split_kernel``; the default since its
 H100 timing below). In _fwd_kernel the QK^T dots feed the PV dot (through P), and Triton 3.6 lays
@@ -225,11 +239,11 @@ BWD_DQ_IN_PHASE2 = True
 # (BWD_DKV_SPLIT): dS^T q, whose result is the accumulator of (fP)^T dout, likewise (TTGIR: it
 # was warps [8, 1] on 8 warps, 64 keys: done twice, then converted through shared memory to the
 # second dot's [4, 2]). BWD_DKV_PREFETCH_IDX: the second phase reads each block's indices one
-# iteration ahead, as the first phase does. Off until timed on the H100 (the candidates of
-# tools/diag_sparse_prefill.py --time-bwd).
+# iteration ahead, as the first phase does. The second phase's two are on (H100 timings in the
+# module docstring: 33.3 -> 29.2 ms at s_kv 32768); the first phase's split is not (no gain).
 BWD_DS_SPLIT = False
-BWD_DKV_SPLIT = False
-BWD_DKV_PREFETCH_IDX = False
+BWD_DKV_SPLIT = True
+BWD_DKV_PREFETCH_IDX = True
 # The dK/dV partial sums are read only after the kernel ends: no ordering is needed between the
 # atomics ("relaxed"; Triton's default is "acq_rel").
 BWD_ATOMIC_SEM = "relaxed"
