@@ -396,8 +396,9 @@ __device__ __forceinline__ void store_single(const RawBatch& x, int atom, int la
 // softmax over whole rows (no row-max exchange), writes P and the rows' rescale factors to
 // shared memory, signals warpgroup 1 (kBarP) and multiplies its value columns 0..255; warpgroup
 // 1 only rescales and multiplies columns 256..511. Warpgroup 1's PV of a tile overlaps warpgroup
-// 0's S of the next. Warpgroup 0 rewrites P only after warpgroup 1 has read it (kBarPFree,
-// within an element; across elements kBarSum / kBarElem order them). Register budgets: 200
+// 0's S of the next. Warpgroup 0 rewrites P and alpha only after warpgroup 1 has used them
+// (kBarPFree, within an element; across elements kBarSum / kBarElem order them). Both
+// hand-offs are bar.sync on both sides. Register budgets: 200
 // (warpgroup 0: 128 O + 32 S), 168 (warpgroup 1, the launch's), 136 (producer):
 // 128 x (200 + 168 + 136) = 384 x 168.
 constexpr int kQk1Regs = 200;
@@ -577,7 +578,7 @@ __device__ __forceinline__ void one_qk_consumers(const SparseDecodeArgs& a, uint
             sAlpha[r0 + 8] = alpha1;
           }
           cutlass::arch::fence_view_async_shared();  // P stores -> both warpgroups' wgmma reads
-          named_barrier_arrive(kBarP, kConsumerThreads);
+          named_barrier_sync(kBarP, kConsumerThreads);  // (warpgroup 1 is waiting there already)
         } else {
           alpha0 = sAlpha[r0];
           alpha1 = sAlpha[r0 + 8];
@@ -599,8 +600,6 @@ __device__ __forceinline__ void one_qk_consumers(const SparseDecodeArgs& a, uint
         warpgroup_commit_batch();
         warpgroup_wait<0>();
         warpgroup_fence_operand(tOrO);
-        // warpgroup 1 is done with P and alpha of this tile (warpgroup 0 waits before the next)
-        if (W == 1 && k + 1 < nt) named_barrier_arrive(kBarPFree, kConsumerThreads);
         if constexpr (CROSS) {
           __syncwarp();  // the warp's wgmma reads of the stage are done
           Barrier::arrive(&empty[st], 0u, lane == 0);
@@ -608,6 +607,11 @@ __device__ __forceinline__ void one_qk_consumers(const SparseDecodeArgs& a, uint
         } else {
           Barrier::arrive(&empty[st]);
         }
+        // warpgroup 1 is done with P and alpha of this tile: warpgroup 0 may write the next.
+        // (A full sync on both sides: warpgroup 1 would wait at kBarP right after anyway, and
+        // compute-sanitizer's racecheck does not take bar.arrive -> bar.sync as ordering this
+        // read before that write.)
+        if (W == 1 && k + 1 < nt) named_barrier_sync(kBarPFree, kConsumerThreads);
       }
 
       // ---- finish: warpgroup 0 holds the rows' statistics; warpgroup 1 reads them ----
