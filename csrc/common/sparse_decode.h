@@ -47,9 +47,8 @@ struct SparseDecodeArgs {
   // handshakes: the consumers' time alone), 128 = no crossover copies to the peer, 256 = no NoPE
   // stores, 1024 = the consumers skip their math (only the handshakes: the producer's time
   // alone) -- results are wrong under these six; 32 = no crossover (no clusters), 64 = one CTA
-  // slot a job (several waves instead of one persistent wave), 2048 = both consumer warpgroups
-  // compute S (the kernel before one_qk_consumers) -- results stay exact under these three (the
-  // GPU tests run with 32 and 2048).
+  // slot a job (several waves instead of one persistent wave) -- results stay exact under these
+  // two (the GPU tests run with 32).
   int probe;
 };
 

@@ -46,10 +46,9 @@ def native_library():
 
 # Every test runs on both kernels (the serial mma.sync one and the warp-specialized wgmma one,
 # csrc/sm90/sparse_decode/), the wgmma one also without its crossover (clusters of two CTAs
-# sharing each tile at h_q 128, 256, ...: probe bit 32 turns it off and leaves results exact)
-# and with both consumer warpgroups computing S (probe bit 2048, exact too): the library reads
-# TORCH_MLA_NATIVE_DECODE_WGMMA and _PROBE at every call.
-_PROBES = {"wgmma": None, "wgmma-nocross": "32", "wgmma-twoqk": "2048"}
+# sharing each tile at h_q 128, 256, ...: probe bit 32 turns it off and leaves results exact):
+# the library reads TORCH_MLA_NATIVE_DECODE_WGMMA and _PROBE at every call.
+_PROBES = {"wgmma": None, "wgmma-nocross": "32"}
 
 
 @pytest.fixture(params=["serial", *_PROBES], autouse=True)

@@ -11,18 +11,18 @@
 //   tiles ahead), dequantizes them (bit-exact with the reference, common/fp8.cuh) straight
 //   into one of two bf16 K stages, and signals the stage's `full` mbarrier;
 // * warpgroups 0 and 1, the consumers, own value columns 256 w .. 256 w + 255 of O
-//   (64 heads x 256 f32 = 128 accumulators a thread). Per tile, warpgroup w computes
-//   S = Q K^T for keys 32 w .. 32 w + 31 (wgmma 64x32x16, both operands in shared memory),
-//   the two exchange row maxima through shared memory, each writes its half of P (bf16) to
-//   shared memory, and each runs O += P V for its 256 columns over all 64 keys (wgmma
-//   64x256x16, V = the first 512 columns of the same K stage read MN-major). After that
-//   they release the stage through its `empty` mbarrier.
+//   (64 heads x 256 f32 = 128 accumulators a thread). Per tile, warpgroup 0 computes all of
+//   S = Q K^T (wgmma 64x64x16, both operands in shared memory) and the online softmax, and
+//   writes P (bf16) and the rows' rescale factors to shared memory; each warpgroup then runs
+//   O += P V for its 256 columns over all 64 keys (wgmma 64x256x16, V = the first 512 columns
+//   of the same K stage read MN-major) and releases the stage through its `empty` mbarrier
+//   (one_qk_consumers).
 // So dequantization (producer) overlaps the tensor-core work (consumers) of the previous tile,
 // and a warpgroup reads each wgmma B operand from shared memory once instead of once per warp.
 //
 // Shared memory (V32 225 KB, MODEL1 201 KB): Q, two K stages, all [64 x d_qk] bf16 in the
 // 128-byte-swizzled K-major layout wgmma reads (Plan::LayoutQK; sw128() is the same map
-// written out for the producer's stores), P [64 x 64], row max / sum exchange, validity flags.
+// written out for the producer's stores), P [64 x 64], row statistics, validity flags.
 //
 // Synchronization (s = tile counter & 1, phase = (tile counter >> 1) & 1):
 // * A stage fills in two column halves, 0..255 and the rest (RoPE included): full[s] and
@@ -34,10 +34,9 @@
 // * empty[s]: the consumers' release of a stage (256 thread arrivals; crossover: one arrival a
 //   consumer warp of both CTAs, 16, since both producers write into both stages). The
 //   producer waits empty with the opposite parity, which a fresh barrier satisfies at once.
-// * The consumers meet at named barriers (256 threads): kBarMax (row maxima exchanged),
-//   kBarP (both halves of P written and fenced), kBarSum (row sums), kBarElem (before and
-//   after loading the next element's Q). P is rewritten only after the next kBarMax, which
-//   each warpgroup reaches after waiting for its own PV wgmma.
+// * The consumers meet at named barriers (256 threads): kBarP (P and the rescale factors
+//   written and fenced), kBarPFree (warpgroup 1 is done with them), kBarSum (row statistics
+//   handed to warpgroup 1), kBarElem (before and after loading the next element's Q).
 #pragma once
 
 #include <cstdint>
@@ -65,15 +64,12 @@ constexpr int kThreads = 384;
 constexpr int kConsumerThreads = 256;
 constexpr int kStages = 2;
 // setmaxnreg budgets. The pool is what the CTA got at launch, 384 x 168 (the launch-bounds cap)
-// = 64512 registers: 2 x 128 x 192 + 128 x 120 = 64512. An allocation beyond the pool never
-// completes (the consumers would wait forever). The consumers need ~184 (128 O accumulators
-// + 16 of S); the producer holds 8 x 16 bytes of FP8 and their scales in flight.
-constexpr int kConsumerRegs = 184;
+// = 64512 registers. An allocation beyond the pool never completes (the consumers would wait
+// forever). The producer holds 8 x 16 bytes of FP8 and their scales in flight; the consumers'
+// budgets are at one_qk_consumers.
 constexpr int kProducerRegs = 136;
-static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= kThreads * 168,
-              "register budgets exceed the CTA's pool");
 // named barriers (0 is __syncthreads)
-constexpr int kBarMax = 1, kBarP = 2, kBarSum = 3, kBarElem = 4;
+constexpr int kBarP = 2, kBarSum = 3, kBarElem = 4, kBarPFree = 5;
 
 template <int LAYOUT>
 struct Plan {
@@ -88,8 +84,9 @@ struct Plan {
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kTile;
   static constexpr int kP = kK + kStages * kTile;
-  static constexpr int kRedMax = kP + 64 * 64 * 2;    // f32 [2][64]
-  static constexpr int kRedSum = kRedMax + 2 * 64 * 4;  // f32 [2][64]
+  // f32 [2][64]: the rows' final maxima, this tile's rescale factors (one_qk_consumers)
+  static constexpr int kRedMax = kP + 64 * 64 * 2;
+  static constexpr int kRedSum = kRedMax + 2 * 64 * 4;  // f32 [2][64]: [0] the rows' final sums
   static constexpr int kValid = kRedSum + 2 * 64 * 4;   // u8 [stages][64]
   // u64 full[stages], empty[stages], remote[stages], full_hi[stages], remote_hi[stages]
   static constexpr int kBar = kValid + kStages * 64;
@@ -402,7 +399,6 @@ __device__ __forceinline__ void store_single(const RawBatch& x, int atom, int la
 // (warpgroup 0: 128 O + 32 S), 168 (warpgroup 1, the launch's), 136 (producer):
 // 128 x (200 + 168 + 136) = 384 x 168.
 constexpr int kQk1Regs = 200;
-constexpr int kBarPFree = 5;
 static_assert(128 * (kQk1Regs + 168 + kProducerRegs) <= kThreads * 168,
               "register budgets exceed the CTA's pool");
 
@@ -652,17 +648,13 @@ __device__ __forceinline__ void one_qk_consumers(const SparseDecodeArgs& a, uint
 // Persistent over jobs: job j = (schedule part j / s_q, query token j % s_q); the grid's y
 // extent is at most what the GPU holds at once (the launcher), and CTA y walks jobs y, y +
 // gridDim.y, ... so the producer runs ahead into the next job while the consumers finish one.
-template <int LAYOUT, bool CROSS, bool QK1>
+template <int LAYOUT, bool CROSS>
 __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const SparseDecodeArgs a) {
-  using L = Layout<LAYOUT>;
   using P = Plan<LAYOUT>;
-  constexpr int kD = L::kDqk;
   using Barrier = cutlass::arch::ClusterBarrier;
 
   extern __shared__ __align__(1024) uint8_t smem[];
   uint8_t* sValid = smem + P::kValid;
-  float* sRedMax = reinterpret_cast<float*>(smem + P::kRedMax);
-  float* sRedSum = reinterpret_cast<float*>(smem + P::kRedSum);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + P::kBar);
   uint64_t* empty = full + kStages;
   uint64_t* remote = empty + kStages;
@@ -689,7 +681,6 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   const int half = CROSS ? static_cast<int>(rank) : -1;
   if constexpr (CROSS) cluster_sync_all();
 
-  const int hg = blockIdx.x;  // 64-head group
   const bool has_extra = a.extra.indices != nullptr;
   const int num_jobs = a.s_q * a.num_parts;
 
@@ -762,7 +753,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
               for (int c = c0; c < c1; ++c) bulk_copy_to_peer(dst + 8192 * c, src + 8192 * c, 1024, bar);
             }
           };
-          constexpr int kLoBlocks = P::kLoCols / 64, kBlocks = L::kDnope / 64;
+          constexpr int kLoBlocks = P::kLoCols / 64, kBlocks = Layout<LAYOUT>::kDnope / 64;
           StageDst d;
           d.ktile = smem + P::kK + st * P::kTile;
           d.dequant = !(a.probe & 2);
@@ -812,204 +803,19 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_decode_wgmma_kernel(const 
   }
 
   // ======================================= consumers ========================================
-  if constexpr (QK1) {
-    if (wg == 0) {
-      one_qk_consumers<LAYOUT, CROSS, 0>(a, smem, full, remote, full_hi, remote_hi, empty, wt);
-    } else {
-      one_qk_consumers<LAYOUT, CROSS, 1>(a, smem, full, remote, full_hi, remote_hi, empty, wt);
-    }
-    if constexpr (CROSS) cluster_sync_all();  // the peer no longer writes into this CTA
-    return;
-  }
-  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-  const int w = wg;  // QK: keys 32 w ..; PV: value columns 256 w ..
-  const int lane = wt & 31;
-  const int r0 = 16 * (wt >> 5) + (lane >> 2);  // accumulator rows r0, r0 + 8
-  const int q2 = 2 * (lane & 3);                // accumulator column pair within 8
-  auto mma_qk = make_tiled_mma(SM90_64x32x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{});
-  auto mma_pv = make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::MN>{});
-  auto thr_qk = mma_qk.get_thread_slice(wt);
-  auto thr_pv = mma_pv.get_thread_slice(wt);
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<cbf16*>(smem + P::kQ)), typename P::LayoutQK{});
-  Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<cbf16*>(smem + P::kP)), typename P::LayoutP{});
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
-  Tensor tOrP = thr_pv.partition_fragment_A(sP);
-  Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, _256>{});
-  uint8_t* sPb = smem + P::kP;
-  int it = 0;
-
-#pragma unroll 1
-  for (int job = blockIdx.y; job < num_jobs; job += gridDim.y) {
-    const JobPlan jp = job_plan(a, job);
-    const int s = jp.s;
-#pragma unroll 1
-    for (int i = jp.b_begin; i <= jp.b_last; ++i) {
-      const ElementPlan e = element_plan(a, i, jp.b_begin, jp.blk_begin, jp.b_end, jp.blk_end,
-                                         jp.first_split, jp.sched_bn);
-      if (!e.run) continue;  // uniform over the CTA
-      const int nt = e.r.ntm + e.r.nte;
-      named_barrier_sync(kBarElem, kConsumerThreads);  // both are past the last element's sQ reads
-      if (nt > 0) {
-        // Q [64 heads x d_qk] -> shared (heads >= h_q as zeros: computed, never stored)
-        const bf16* qb = a.q + i * a.q_stride_b + s * a.q_stride_s;
-        constexpr int kChunks = kD / 8;
-#pragma unroll 2
-        for (int c = tid; c < 64 * kChunks; c += kConsumerThreads) {
-          const int row = c / kChunks;
-          const int ch = c - row * kChunks;
-          const int head = 64 * hg + row;
-          uint8_t* dst = smem + P::kQ + sw128(row, 8 * ch);
-          if (head < a.h_q) {
-            cp_async_16(dst, qb + head * a.q_stride_h + 8 * ch);
-          } else {
-            *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
-          }
-        }
-        cp_async_commit();
-        cp_async_wait_all();
-        cutlass::arch::fence_view_async_shared();
-        named_barrier_sync(kBarElem, kConsumerThreads);
-      }
-
-      clear(tOrO);
-      float m0 = -INFINITY, m1 = -INFINITY;  // running max (log2 domain) of rows r0, r0 + 8
-      float l0 = 0.f, l1 = 0.f;              // this thread's share of the running sums
-
-#pragma unroll 1
-      for (int k = 0; k < nt; ++k, ++it) {
-        const int st = it & 1;
-        Barrier::wait(&full[st], (it >> 1) & 1);
-        if constexpr (CROSS) Barrier::wait(&remote[st], (it >> 1) & 1);
-        if (a.probe & 1024) {  // profiling: the producer's time alone (uniform branch)
-          Barrier::wait(&full_hi[st], (it >> 1) & 1);
-          if constexpr (CROSS) {
-            Barrier::wait(&remote_hi[st], (it >> 1) & 1);
-            __syncwarp();
-            Barrier::arrive(&empty[st], 0u, lane == 0);
-            Barrier::arrive(&empty[st], 1u, lane == 0);
-          } else {
-            Barrier::arrive(&empty[st]);
-          }
-          continue;
-        }
-        cbf16* kst = reinterpret_cast<cbf16*>(smem + P::kK + st * P::kTile);
-
-        // ---- S = Q K^T for 64 heads x keys 32 w .. 32 w + 31 ----
-        Tensor sK = make_tensor(make_smem_ptr(kst), typename P::LayoutQK{});
-        Tensor tSrK = thr_qk.partition_fragment_B(local_tile(sK, Shape<_32, Int<kD>>{}, make_coord(w, _0{})));
-        Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, _32>{});
-        warpgroup_fence_operand(tSrS);
-        warpgroup_arrive();
-        mma_qk.accumulate_ = GMMA::ScaleOut::Zero;
-        constexpr int kLoK = P::kLoCols / 16;  // k-blocks of the stage's first half
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-          if (kb == kLoK) {  // the rest of the stage (RoPE included)
-            Barrier::wait(&full_hi[st], (it >> 1) & 1);
-            if constexpr (CROSS) Barrier::wait(&remote_hi[st], (it >> 1) & 1);
-          }
-          cute::gemm(mma_qk, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
-          mma_qk.accumulate_ = GMMA::ScaleOut::One;
-        }
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tSrS);
-
-        // ---- online softmax (log2 domain); S element 4 n + 2 h + e: row r0 + 8 h, key 8 n + q2 + e
-        const uint8_t* vflag = sValid + st * 64 + 32 * w + q2;
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-        CUTE_UNROLL
-        for (int n = 0; n < 4; ++n) {
-          CUTE_UNROLL
-          for (int e2 = 0; e2 < 2; ++e2) {
-            const bool v = vflag[8 * n + e2] != 0;
-            tSrS(4 * n + e2) = v ? tSrS(4 * n + e2) * a.scale_log2 : -INFINITY;
-            tSrS(4 * n + 2 + e2) = v ? tSrS(4 * n + 2 + e2) * a.scale_log2 : -INFINITY;
-            mx0 = fmaxf(mx0, tSrS(4 * n + e2));
-            mx1 = fmaxf(mx1, tSrS(4 * n + 2 + e2));
-          }
-        }
-        mx0 = warp_quad_max(mx0);
-        mx1 = warp_quad_max(mx1);
-        if ((lane & 3) == 0) {
-          sRedMax[w * 64 + r0] = mx0;
-          sRedMax[w * 64 + r0 + 8] = mx1;
-        }
-        named_barrier_sync(kBarMax, kConsumerThreads);
-        const float mn0 = fmaxf(m0, fmaxf(mx0, sRedMax[(w ^ 1) * 64 + r0]));
-        const float mn1 = fmaxf(m1, fmaxf(mx1, sRedMax[(w ^ 1) * 64 + r0 + 8]));
-        // A row that has seen no valid key keeps max -inf: shift by 0 there (no -inf - -inf).
-        const float mu0 = mn0 == -INFINITY ? 0.f : mn0;
-        const float mu1 = mn1 == -INFINITY ? 0.f : mn1;
-        const float alpha0 = exp2f(m0 - mu0);
-        const float alpha1 = exp2f(m1 - mu1);
-        m0 = mn0;
-        m1 = mn1;
-        float ps0 = 0.f, ps1 = 0.f;
-        CUTE_UNROLL
-        for (int n = 0; n < 4; ++n) {
-          const float p0 = exp2f(tSrS(4 * n + 0) - mu0), p1 = exp2f(tSrS(4 * n + 1) - mu0);
-          const float p2 = exp2f(tSrS(4 * n + 2) - mu1), p3 = exp2f(tSrS(4 * n + 3) - mu1);
-          ps0 += p0 + p1;
-          ps1 += p2 + p3;
-          const int key = 32 * w + 8 * n + q2;
-          *reinterpret_cast<uint32_t*>(sPb + sw128(r0, key)) = pack_bf16x2(p0, p1);
-          *reinterpret_cast<uint32_t*>(sPb + sw128(r0 + 8, key)) = pack_bf16x2(p2, p3);
-        }
-        l0 = l0 * alpha0 + ps0;
-        l1 = l1 * alpha1 + ps1;
-        CUTE_UNROLL
-        for (int j = 0; j < 32; ++j) {
-          tOrO(4 * j + 0) *= alpha0;
-          tOrO(4 * j + 1) *= alpha0;
-          tOrO(4 * j + 2) *= alpha1;
-          tOrO(4 * j + 3) *= alpha1;
-        }
-        cutlass::arch::fence_view_async_shared();  // P stores -> wgmma's reads
-        named_barrier_sync(kBarP, kConsumerThreads);
-
-        // ---- O[64 heads x 256 columns] += P V ----
-        Tensor sVt = make_tensor(make_smem_ptr(kst), typename P::LayoutVt{});
-        Tensor tOrV = thr_pv.partition_fragment_B(local_tile(sVt, Shape<_256, _64>{}, make_coord(w, _0{})));
-        warpgroup_fence_operand(tOrO);
-        warpgroup_arrive();
-        CUTE_UNROLL
-        for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma_pv, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
-        warpgroup_commit_batch();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(tOrO);
-        if constexpr (CROSS) {
-          __syncwarp();  // the warp's wgmma reads of the stage are done
-          Barrier::arrive(&empty[st], 0u, lane == 0);
-          Barrier::arrive(&empty[st], 1u, lane == 0);
-        } else {
-          Barrier::arrive(&empty[st]);
-        }
-      }
-
-      // ---- finish: total row sums, then out / lse (only part) or a split-KV partial ----
-      l0 = warp_quad_sum(l0);
-      l1 = warp_quad_sum(l1);
-      if ((lane & 3) == 0) {
-        sRedSum[w * 64 + r0] = l0;
-        sRedSum[w * 64 + r0 + 8] = l1;
-      }
-      named_barrier_sync(kBarSum, kConsumerThreads);
-      const float lt0 = sRedSum[r0] + sRedSum[64 + r0];  // same order in both warpgroups
-      const float lt1 = sRedSum[r0 + 8] + sRedSum[64 + r0 + 8];
-      write_decode_rows(a, i, s, e.nsp, e.split, 64 * hg + r0, 256 * w + q2, m0, m1, lt0, lt1,
-                        w == 0 && (lane & 3) == 0,
-                        [&](int j, int h, int c) { return tOrO(4 * j + 2 * h + c); });
-    }
+  if (wg == 0) {
+    one_qk_consumers<LAYOUT, CROSS, 0>(a, smem, full, remote, full_hi, remote_hi, empty, wt);
+  } else {
+    one_qk_consumers<LAYOUT, CROSS, 1>(a, smem, full, remote, full_hi, remote_hi, empty, wt);
   }
   if constexpr (CROSS) cluster_sync_all();  // the peer no longer writes into this CTA
 }
 
-template <int LAYOUT, bool CROSS, bool QK1>
+template <int LAYOUT, bool CROSS>
 cudaError_t launch_variant(const SparseDecodeArgs& a, cudaStream_t stream) {
   constexpr int kSmem = Plan<LAYOUT>::kBytes;
   constexpr int kCluster = CROSS ? 2 : 1;
-  auto kernel = sparse_decode_wgmma_kernel<LAYOUT, CROSS, QK1>;
+  auto kernel = sparse_decode_wgmma_kernel<LAYOUT, CROSS>;
   static std::atomic<uint64_t> configured{0};
   static std::atomic<int> resident[64];
   cudaError_t err = opt_in_dynamic_smem(kernel, kSmem, configured);
@@ -1028,17 +834,10 @@ cudaError_t launch_variant(const SparseDecodeArgs& a, cudaStream_t stream) {
 
 // The crossover whenever the head groups pair up (h_q a multiple of 128); probe 32 turns it off
 // (profiling).
-template <int LAYOUT, bool QK1>
-cudaError_t launch_qk(const SparseDecodeArgs& a, cudaStream_t stream) {
-  if (cdiv(a.h_q, 64) % 2 == 0 && !(a.probe & 32)) return launch_variant<LAYOUT, true, QK1>(a, stream);
-  return launch_variant<LAYOUT, false, QK1>(a, stream);
-}
-
-// One warpgroup computes S (one_qk_consumers) unless probe 2048 asks for the two-warpgroup S.
 template <int LAYOUT>
 cudaError_t launch(const SparseDecodeArgs& a, cudaStream_t stream) {
-  if (a.probe & 2048) return launch_qk<LAYOUT, false>(a, stream);
-  return launch_qk<LAYOUT, true>(a, stream);
+  if (cdiv(a.h_q, 64) % 2 == 0 && !(a.probe & 32)) return launch_variant<LAYOUT, true>(a, stream);
+  return launch_variant<LAYOUT, false>(a, stream);
 }
 
 }  // namespace tmla::sm90::sparse_decode_wgmma
