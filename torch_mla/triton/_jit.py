@@ -1,4 +1,4 @@
-"""Small pieces shared by the Triton kernel modules: the dot helper, tile sizes, and exact
+"""Small pieces shared by the Triton kernel modules: the dot helpers, tile sizes, and exact
 e4m3fn encoding/decoding in integer arithmetic (torch's conversion, so bytes match the reference
 on any device and under the interpreter, whose own float8 conversion decodes 0x7F as 480)."""
 
@@ -22,6 +22,53 @@ def mm(a, b, acc, DOT_F32: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def mm0(a, b, gate, M: tl.constexpr, N: tl.constexpr, SPLIT: tl.constexpr,
+        DOT_F32: tl.constexpr, TRANS_B: tl.constexpr = False):
+    """a @ b ([M, N], fp32; a @ b^T with TRANS_B, the scores q @ k^T) from a zero accumulator;
+    with SPLIT behind an always-true branch on ``gate`` so that Triton does not lay the dot out
+    as one link of a chain.
+
+    Why the branch: Triton 3.6 lays out a dot whose result reaches another dot (through any op:
+    the scores reach the PV dots through P; a dot accumulating onto it counts too) with all
+    warps along M, warpsPerCTA [8, 1] on 8 warps. With M = 64 rows both warp groups then compute
+    the same 64 x N product, reading both operands from shared memory twice (the QK^T work, 53%
+    of MLA's FLOPs at d_qk 576, done twice). Behind a branch the result reaches only the
+    branch's yield: the dot gets [4, 2], each warp group half of the N columns (keys), and the
+    consumer dot reads the result (P) through shared memory. One warp group (4 warps) has
+    nothing to duplicate: the branch changes the layout on 8 warps only. ``gate`` must be a
+    run-time value that is true wherever the call runs (a tile exists, the loop iterates): a
+    constant condition would be folded away.
+
+    Why both branches compute the dot: otherwise the layout pass may move the conversion of P
+    into the cheap branch (it would convert the fp32 result instead). Parts of one product (value
+    blocks, RoPE tail) each take their own mm0 from zero and are summed afterwards, since
+    accumulating one into another's result would chain them again; their separate branches get
+    merged into one by the canonicalizer, and a pipeline stage's copies share one barrier, so the
+    dots cannot start on a part whose copy landed first. The transpose stays inside the branches
+    (TRANS_B rather than a caller's tl.trans): hoisted above them, Triton 3.6 pipelines
+    sparse_decode's and dense_decode's 64-column RoPE key tiles with one more shared-memory
+    buffer (+8 KB), and sparse_prefill's split forward takes 8 KB more shared memory too
+    (compile check, sm_90, 2026-11-25).
+
+    Without SPLIT: a plain dot from zero. Users: dense_decode's paged kernel (which found the
+    trick), sparse_decode's split variant, sparse_prefill's split forward and both phases of its
+    backward (BWD_DS_SPLIT, BWD_DKV_SPLIT). Measured alone (H100, Triton 3.6, 2026-11-25;
+    sparse_prefill's module docstring): dS^T q of the backward's second phase behind the branch,
+    33.34 -> 29.54 ms for the whole backward at s_q 4096, h_q 128, topk 2048, s_kv 32768; the
+    split variants of the other kernels change more than this and are timed in their module
+    docstrings."""
+    zero = tl.zeros([M, N], tl.float32)
+    if SPLIT:
+        if gate:
+            r = mm(a, tl.trans(b) if TRANS_B else b, zero, DOT_F32)
+        else:
+            r = mm(a, tl.trans(b) if TRANS_B else b, zero, DOT_F32)
+    else:
+        r = mm(a, tl.trans(b) if TRANS_B else b, zero, DOT_F32)
+    return r
 
 
 @triton.jit

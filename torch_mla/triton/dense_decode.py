@@ -23,7 +23,7 @@ Two split kernels (``VARIANT``):
   range load as 0, so NaN in unused slots never reaches the math), as do the causal masks (only
   the last full tiles of a sequence get them). Scores are one dot per value block (two blocks of
   256 columns) plus one for the 64 non-value columns (576 is not a power of two), each behind a
-  branch that hides it from Triton's chained-dot layout choice (see ``_qk_part``): both warp
+  branch that hides it from Triton's chained-dot layout choice (see ``_jit.mm0``): both warp
   groups then compute half of the keys of the 64 x 64 scores instead of both the whole, and P
   reaches the PV dots through shared memory. Per-thread running sums of P (``defer_sum``) take
   the per-tile row sum, and its cross-warp-group barriers, out of the loop.
@@ -122,7 +122,7 @@ import triton.language as tl
 from ._common import DOT_F32, INTERPRET  # noqa: F401  (tests read it here)
 from . import register
 from .._device import sm_count
-from ._jit import LOG2E, mm as _mm, pow2 as _pow2
+from ._jit import LOG2E, mm as _mm, mm0, pow2 as _pow2
 from ..reference.schedule import decode_schedule
 
 
@@ -326,42 +326,18 @@ def _decode_combine_kernel(
 
 
 @triton.jit
-def _qk_part(q, k, gate, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_S: tl.constexpr,
-             DOT_F32: tl.constexpr):
-    """q @ k^T from a zero accumulator. With SPLIT_S the dot sits behind a branch: Triton gives a
-    dot whose result flows (through any op) into another dot all warps along M, so with 64 rows
-    and 8 warps both warp groups would compute the same scores and read Q and K from shared
-    memory twice; behind a branch the result only reaches the branch's yield, the scores get
-    warps [4, 2] (each warp group half of the keys) and the PV dot reads P through shared
-    memory. The condition is true wherever a tile exists (a sequence with keys). Both branches
-    compute the dot so that the layout pass cannot move the P conversion into a cheap branch (it
-    would convert the fp32 scores instead). (Separate branches per part of the scores get merged
-    into one by the canonicalizer, and a stage's copies share one barrier: the dots cannot
-    start on a part whose copy landed first.)"""
-    zero = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    if SPLIT_S:
-        if gate:
-            s = _mm(q, tl.trans(k), zero, DOT_F32)
-        else:
-            s = _mm(q, tl.trans(k), zero, DOT_F32)
-    else:
-        s = _mm(q, tl.trans(k), zero, DOT_F32)
-    return s
-
-
-@triton.jit
 def _paged_scores(q_a, q_b, q_t, k_a, k_b, k_t, gate, BLOCK_H: tl.constexpr,
                   BLOCK_N: tl.constexpr, VBLOCKS: tl.constexpr, HAS_TAIL: tl.constexpr,
                   SPLIT_S: tl.constexpr, DOT_F32: tl.constexpr):
     """Q K^T of one tile, one dot per value block and one for the non-value tail, each from a
     zero accumulator and summed afterwards (a dot accumulating into another's result would
-    count as a chain, see _qk_part)."""
+    count as a chain, see _jit.mm0)."""
     if SPLIT_S:
-        s = _qk_part(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+        s = mm0(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
         if VBLOCKS == 2:
-            s = s + _qk_part(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+            s = s + mm0(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
         if HAS_TAIL:
-            s = s + _qk_part(q_t, k_t, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+            s = s + mm0(q_t, k_t, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
     else:
         s = _mm(q_a, tl.trans(k_a), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), DOT_F32)
         if VBLOCKS == 2:
@@ -590,7 +566,7 @@ def _decode_paged_kernel(
         else:
             limit = tl.zeros([BLOCK_H], dtype=tl.int32) + seqlen
             all_see = k_end
-        gate = seqlen > 0  # true wherever a tile exists (see _qk_part)
+        gate = seqlen > 0  # true wherever a tile exists (see _jit.mm0)
 
         q_base = Q + tl.cast(bi, tl.int64) * stride_qb + j * stride_qs + head * stride_qh
         q_a = tl.load(q_base[:, None] + da[None, :], mask=r_ok[:, None] & da_ok[None, :],
@@ -718,7 +694,7 @@ CONFIG_512 = None
 #              (both compute the row block's full scores)
 #   vblocks    1, or 2: the value columns copied and multiplied as two blocks (dv_split 2 implies
 #              it)
-#   split_s    compute the scores outside Triton's chained-dot layout (see _qk_part)
+#   split_s    compute the scores outside Triton's chained-dot layout (see _jit.mm0)
 #   tma        copy the unmasked tiles with TMA (needs sm_90+, a cache whose pages are one
 #              stride(0) = block_size * stride(1) apart with 16-byte aligned base and strides,
 #              and d_v, d_qk - d_v powers of two); else cp.async through pointers

@@ -90,7 +90,7 @@ QK tensor work (53% of the FLOPs). The variant (``_tile_split``) dequantizes eac
 256-column value blocks (V32: [64, 2, 128] bytes times one f32 scale per 128 columns; MODEL1:
 [64, 4, 64] bytes times one ue8m0 scale per 64, its RoPE the last group of block b; reshaped to
 [64, 256] with no layout conversion) plus V32's 64 RoPE columns, computes one score dot per
-block from zero behind an always-true branch (``_qk_part``, dense_decode's trick: the scores get
+block from zero behind an always-true branch (``_jit.mm0``, dense_decode's trick: the scores get
 [4, 2], each warp group half of the keys, and P reaches the PV dots through shared memory), keeps
 per-thread running sums of P (one row sum at the end) and two [64, 256] accumulators. Compile
 check (Triton 3.6, sm_90, two stages): spills 148 -> 54 words (V32 s_q 2), 200 -> 92 (MODEL1
@@ -133,6 +133,7 @@ from . import register
 from .._eager import workspace
 from . import _common
 from ._common import DOT_F32, LaunchSite, _constexpr_tail, launch
+from ._jit import mm as _mm, mm0
 
 _SB = 64  # keys per schedule block (decode_schedule's default block_n)
 _D_V_MAX = 512  # value columns the kernel accumulates (8 chunks)
@@ -142,16 +143,6 @@ _LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr):
-    # The interpreter multiplies 16-bit dot operands as raw bits: upcast there (never on a GPU).
-    if DOT_F32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
 
 @triton.jit
 def _key_chunk(cache, base, sbase, valid, C: tl.constexpr, LAYOUT: tl.constexpr, KT: tl.constexpr):
@@ -224,17 +215,17 @@ def _tile(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
     k6 = _key_chunk(cache, base, sbase, valid, 6, LAYOUT, KT)
     k7 = _key_chunk(cache, base, sbase, valid, 7, LAYOUT, KT)
     s = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
-    s = _dot(q0, tl.trans(k0), s, DOT_F32)
-    s = _dot(q1, tl.trans(k1), s, DOT_F32)
-    s = _dot(q2, tl.trans(k2), s, DOT_F32)
-    s = _dot(q3, tl.trans(k3), s, DOT_F32)
-    s = _dot(q4, tl.trans(k4), s, DOT_F32)
-    s = _dot(q5, tl.trans(k5), s, DOT_F32)
-    s = _dot(q6, tl.trans(k6), s, DOT_F32)
-    s = _dot(q7, tl.trans(k7), s, DOT_F32)
+    s = _mm(q0, tl.trans(k0), s, DOT_F32)
+    s = _mm(q1, tl.trans(k1), s, DOT_F32)
+    s = _mm(q2, tl.trans(k2), s, DOT_F32)
+    s = _mm(q3, tl.trans(k3), s, DOT_F32)
+    s = _mm(q4, tl.trans(k4), s, DOT_F32)
+    s = _mm(q5, tl.trans(k5), s, DOT_F32)
+    s = _mm(q6, tl.trans(k6), s, DOT_F32)
+    s = _mm(q7, tl.trans(k7), s, DOT_F32)
     if LAYOUT == 0:
         k8 = _key_chunk(cache, base, sbase, valid, 8, LAYOUT, KT)
-        s = _dot(q8, tl.trans(k8), s, DOT_F32)
+        s = _mm(q8, tl.trans(k8), s, DOT_F32)
     s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
 
     m_new = tl.maximum(m, tl.max(s, 1))
@@ -245,14 +236,14 @@ def _tile(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m, l,
     p = tl.exp2(s - m_use[:, None])
     l = l * alpha + tl.sum(p, 1)
     pb = p.to(KT)
-    acc0 = _dot(pb, k0, acc0 * alpha[:, None], DOT_F32)
-    acc1 = _dot(pb, k1, acc1 * alpha[:, None], DOT_F32)
-    acc2 = _dot(pb, k2, acc2 * alpha[:, None], DOT_F32)
-    acc3 = _dot(pb, k3, acc3 * alpha[:, None], DOT_F32)
-    acc4 = _dot(pb, k4, acc4 * alpha[:, None], DOT_F32)
-    acc5 = _dot(pb, k5, acc5 * alpha[:, None], DOT_F32)
-    acc6 = _dot(pb, k6, acc6 * alpha[:, None], DOT_F32)
-    acc7 = _dot(pb, k7, acc7 * alpha[:, None], DOT_F32)
+    acc0 = _mm(pb, k0, acc0 * alpha[:, None], DOT_F32)
+    acc1 = _mm(pb, k1, acc1 * alpha[:, None], DOT_F32)
+    acc2 = _mm(pb, k2, acc2 * alpha[:, None], DOT_F32)
+    acc3 = _mm(pb, k3, acc3 * alpha[:, None], DOT_F32)
+    acc4 = _mm(pb, k4, acc4 * alpha[:, None], DOT_F32)
+    acc5 = _mm(pb, k5, acc5 * alpha[:, None], DOT_F32)
+    acc6 = _mm(pb, k6, acc6 * alpha[:, None], DOT_F32)
+    acc7 = _mm(pb, k7, acc7 * alpha[:, None], DOT_F32)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, m_new, l
 
 
@@ -310,35 +301,13 @@ def _key_block(cache, base, sbase, valid, HALF: tl.constexpr, LAYOUT: tl.constex
 
 
 @triton.jit
-def _qk_part(q, k, gate, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_S: tl.constexpr,
-             DOT_F32: tl.constexpr):
-    """q @ k^T from a zero accumulator. With SPLIT_S the dot sits behind a branch (``gate`` is
-    true wherever a tile runs): Triton lays out a dot whose result flows into another dot (here
-    the PV dots, through P) with all warps along M, so with BLOCK_H = 64 rows and 8 warps both
-    warp groups would compute the same 64 x BLOCK_N scores; behind a branch the result only
-    reaches the branch's yield, the scores get warps [4, 2] (each warp group half of the keys)
-    and the PV dots read P through shared memory. Both branches compute the dot (so the layout
-    pass cannot move P's conversion into a cheap branch). As in dense_decode._qk_part, which
-    found this."""
-    zero = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
-    if SPLIT_S:
-        if gate:
-            s = _dot(q, tl.trans(k), zero, DOT_F32)
-        else:
-            s = _dot(q, tl.trans(k), zero, DOT_F32)
-    else:
-        s = _dot(q, tl.trans(k), zero, DOT_F32)
-    return s
-
-
-@triton.jit
 def _tile_split(acc_a, acc_b, m, l, q_a, q_b, q_t, gate,
                 idx_row, t0, length, cache, block_size, stride0, num_slots, scale_log2,
                 LAYOUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPLIT_S: tl.constexpr, DEFER_SUM: tl.constexpr, DOT_F32: tl.constexpr):
     """_tile with the keys as two 256-column value blocks (a, b) and, for V32, the 64 RoPE
     columns (t); the scores are one dot per block from zero, summed (a dot accumulating into
-    another's result would chain them, see _qk_part). With DEFER_SUM, l is [BLOCK_H, BLOCK_N]:
+    another's result would chain them, see _jit.mm0). With DEFER_SUM, l is [BLOCK_H, BLOCK_N]:
     per-thread running sums of P, summed over the keys once at the end (a per-tile row sum would
     cross the two warp groups, each holding half of a row's keys)."""
     KT = q_a.dtype
@@ -347,17 +316,17 @@ def _tile_split(acc_a, acc_b, m, l, q_a, q_b, q_t, gate,
 
     k_a = _key_block(cache, base, sbase, valid, 0, LAYOUT, KT, BLOCK_N)
     k_b = _key_block(cache, base, sbase, valid, 1, LAYOUT, KT, BLOCK_N)
-    s = _qk_part(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+    s = mm0(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
     if SPLIT_S:
-        s = s + _qk_part(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+        s = s + mm0(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
     else:
-        s = _dot(q_b, tl.trans(k_b), s, DOT_F32)
+        s = _mm(q_b, tl.trans(k_b), s, DOT_F32)
     if LAYOUT == 0:
         k_t = _key_chunk(cache, base, sbase, valid, 8, LAYOUT, KT)
         if SPLIT_S:
-            s = s + _qk_part(q_t, k_t, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+            s = s + mm0(q_t, k_t, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
         else:
-            s = _dot(q_t, tl.trans(k_t), s, DOT_F32)
+            s = _mm(q_t, tl.trans(k_t), s, DOT_F32)
     s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
 
     m_new = tl.maximum(m, tl.max(s, 1))
@@ -372,8 +341,8 @@ def _tile_split(acc_a, acc_b, m, l, q_a, q_b, q_t, gate,
     acc_a = acc_a * alpha[:, None]
     acc_b = acc_b * alpha[:, None]
     pb = p.to(KT)
-    acc_a = _dot(pb, k_a, acc_a, DOT_F32)
-    acc_b = _dot(pb, k_b, acc_b, DOT_F32)
+    acc_a = _mm(pb, k_a, acc_a, DOT_F32)
+    acc_b = _mm(pb, k_b, acc_b, DOT_F32)
     return acc_a, acc_b, m_new, l
 
 
@@ -447,7 +416,7 @@ def _sparse_decode_kernel(
         e_hi = tl.minimum((tl.maximum(hi, nbm) - nbm) * sb, le)
         if (nsp > 0) & (split < n_ws):
             if SPLIT:
-                gate = hi > lo  # true wherever a tile runs (see _qk_part)
+                gate = hi > lo  # true wherever a tile runs (see _jit.mm0)
                 for s in range(tl.program_id(2), s_q, tl.num_programs(2)):
                     qp = (q + i * stride_qb + s * stride_qs + heads[:, None] * stride_qh
                           + tl.arange(0, 256)[None, :])
@@ -636,7 +605,7 @@ _TUNE = {"block_n": 64, "num_stages": 2, "ctas_per_sm": 1}
 # key chunks, the scores' dots chained into the PV dots, so with BLOCK_H 64 and 8 warps both
 # warp groups compute the same scores; _tile). A dict: the split-scores variant (_tile_split:
 # keys as two 256-column value blocks + V32's RoPE tail, each score dot behind a branch so each
-# warp group computes half of the keys, see _qk_part; the default), its keys overriding
+# warp group computes half of the keys, see _jit.mm0; the default), its keys overriding
 # SPLIT_DEFAULTS and SPLIT_STAGES:
 #   split_s    the score dots behind branches (False: chained, duplicated as in the old kernel)
 #   defer_sum  per-thread running sums of P, one row sum at the end

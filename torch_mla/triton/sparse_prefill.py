@@ -144,7 +144,7 @@ H100 timing below). In _fwd_kernel the QK^T dots feed the PV dot (through P), an
 out such a dot with all warps along M: TTGIR (tools/triton_compile_check.py --dots) shows the
 score dots with warpsPerCTA [8, 1] (64 x 32 with 8 warps: both warp groups compute the same
 scores, i.e. the QK work, 53% of the FLOPs at d_qk 576, is done twice) and the PV dot [4, 2].
-The variant computes each score dot from zero behind an always-true branch (_qk; the trick of
+The variant computes each score dot from zero behind an always-true branch (_jit.mm0; the trick of
 sparse_decode's split variant), so the scores get [4, 2] (each warp group half of the keys) and
 P reaches the PV dots through shared memory; with ``split_v`` the values are two 256-column
 halves (two gathers, two [64, 256] accumulators), with ``defer_sum`` the row sums of P are kept
@@ -192,7 +192,7 @@ import triton.language as tl
 
 from ._common import DOT_F32, alert_not_deterministic
 from . import register
-from ._jit import LOG2E, mm as _mm, pow2 as _pow2
+from ._jit import LOG2E, mm as _mm, mm0, pow2 as _pow2
 
 
 # Launch configurations, keyed by head-block size ("big": a full head block, 64 heads forward /
@@ -231,7 +231,7 @@ BWD_DKV_CONFIG: Dict[str, Tuple[int, int, int, int]] = {"big": (64, 128, 8, 2),
 # dq in the second phase (dS K per column chunk, keys gathered there) instead of the first:
 # 27.9 vs 30.3 ms on the H100 (the first phase then needs no [64, d_qk] accumulator).
 BWD_DQ_IN_PHASE2 = True
-# Split dots (the duplicated-dot fix of the forward's _qk): Triton 3.6 lays out a dot whose result
+# Split dots (the duplicated-dot fix of the forward's mm0): Triton 3.6 lays out a dot whose result
 # reaches another dot with all warps along M, so at M = 64 on 8 warps both warp groups compute
 # the same product. First phase (BWD_DS_SPLIT): the score dots (QK^T, its RoPE tail, dO V^T)
 # from zero behind always-true branches, so that 8 warps split the keys ([4, 2]) instead of
@@ -257,7 +257,7 @@ BWD_PREFETCH_IDX = False  # the fused backward kernel
 BWD_DS_PREFETCH_IDX = True  # the two-phase backward's first phase (9.05 vs 9.47 ms on the H100)
 
 # Which forward kernel runs (read per call). A dict: _fwd_split_kernel (the scores as dots from
-# zero behind a branch, each warp group half of the keys; see _qk), its keys overriding
+# zero behind a branch, each warp group half of the keys; see _jit.mm0), its keys overriding
 # FWD_SPLIT_DEFAULTS:
 #   split_s    the score dots behind branches (False: plain dots from zero, laid out as chained)
 #   split_v    the values (and Q's first d_v columns) as two halves: two accumulators
@@ -410,45 +410,6 @@ def _store_cols(base, x, rows_ok, C0: tl.constexpr, D: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def _qk(q, k, gate, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_S: tl.constexpr,
-        DOT_F32: tl.constexpr):
-    """q @ k^T from a zero accumulator. Triton lays out a dot whose result reaches another dot
-    (here the PV dots, through P; or a later dot accumulating onto it) with all warps along M:
-    with 64 rows and 8 warps both warp groups would compute the same 64 x BLOCK_N scores. With
-    SPLIT_S the dot sits behind a branch on ``gate`` (true wherever the loop runs), where its
-    result only reaches the branch's yield: the scores get warps [4, 2], each warp group half of
-    the keys, and P reaches the PV dots through shared memory. Both branches compute the dot, so
-    no pass can move work into a cheaper branch. (sparse_decode._qk_part, after
-    dense_decode, does the same.)"""
-    zero = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-    if SPLIT_S:
-        if gate:
-            s = _mm(q, tl.trans(k), zero, DOT_F32)
-        else:
-            s = _mm(q, tl.trans(k), zero, DOT_F32)
-    else:
-        s = _mm(q, tl.trans(k), zero, DOT_F32)
-    return s
-
-
-@triton.jit
-def _mm0(a, b, gate, M: tl.constexpr, N: tl.constexpr, SPLIT: tl.constexpr,
-         DOT_F32: tl.constexpr):
-    """a @ b ([M, N]) from a zero accumulator, behind an always-true branch on ``gate`` with
-    SPLIT (see _qk: the result then reaches no other dot inside the branch, so Triton does not
-    lay the dot out with all warps along M)."""
-    zero = tl.zeros([M, N], tl.float32)
-    if SPLIT:
-        if gate:
-            r = _mm(a, b, zero, DOT_F32)
-        else:
-            r = _mm(a, b, zero, DOT_F32)
-    else:
-        r = _mm(a, b, zero, DOT_F32)
-    return r
-
-
-@triton.jit
 def _fwd_split_kernel(
     Q, KV, IDX, LENS, SINK, OUT, ML, LSE,
     stride_qs, stride_qh, stride_kvs, stride_kvh, stride_is, stride_ih,
@@ -460,7 +421,7 @@ def _fwd_split_kernel(
     PREFETCH_IDX: tl.constexpr, SPLIT_S: tl.constexpr, SPLIT_V: tl.constexpr,
     DEFER_SUM: tl.constexpr, TAU: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """_fwd_kernel with the scores computed as independent dots from zero (_qk) and, with
+    """_fwd_kernel with the scores computed as independent dots from zero (_jit.mm0) and, with
     SPLIT_V, the values in two halves of BLOCK_DV / 2 columns (two gathers, two score dots, two
     PV dots, two accumulators). With DEFER_SUM, l is [BLOCK_H, BLOCK_N]: per-thread running sums
     of P, reduced over the keys once after the loop (a per-block row sum would cross the two
@@ -493,7 +454,7 @@ def _fwd_split_kernel(
     n_keys = topk
     if HAS_LEN:
         n_keys = tl.maximum(tl.minimum(tl.load(LENS + pid_s), topk), 0)
-    gate = n_keys > 0  # true in every iteration of the loop (see _qk)
+    gate = n_keys > 0  # true in every iteration of the loop (see _jit.mm0)
     idx_row = IDX + pid_s * stride_is + kvh * stride_ih
     kv_head = KV + kvh * stride_kvh
 
@@ -524,14 +485,14 @@ def _fwd_split_kernel(
         if SPLIT_V:
             k_a = _load_cols(k_rows, valid, 0, D_V, HALF)  # also the values
             k_b = _load_cols(k_rows, valid, HALF, D_V, HALF)
-            s = _qk(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
-            s += _qk(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+            s = mm0(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
+            s += mm0(q_b, k_b, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
         else:
             k_a = _load_cols(k_rows, valid, 0, D_V, BLOCK_DV)
-            s = _qk(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+            s = mm0(q_a, k_a, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
         if HAS_TAIL:
             kt = _load_cols(k_rows + D_V, valid, 0, D_T, BLOCK_DT)
-            s += _qk(qt, kt, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+            s += mm0(qt, kt, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         m_blk = tl.max(s, 1)
         m_new = tl.maximum(m_i, m_blk)
@@ -658,7 +619,7 @@ def _bwd_kernel(
     idx_row = IDX + pid_s * stride_is + kvh * stride_ih
     kv_head = KV + kvh * stride_kvh
     dkv_head = DKV + kvh * stride_dkvh
-    gate = n_keys > 0  # true in every iteration of the loop (SPLIT_S, see _qk)
+    gate = n_keys > 0  # true in every iteration of the loop (SPLIT_S, see _jit.mm0)
 
     if DO_DQ:  # else the second phase computes dq (BWD_DQ_IN_PHASE2)
         dq = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -681,10 +642,10 @@ def _bwd_kernel(
         k_rows = kv_head + idx64[:, None] * stride_kvs
         k = _load_rows(k_rows, valid, offs_v, D_V, BLOCK_DV)
         if SPLIT_S:
-            s = _qk(q, k, gate, BLOCK_H, BLOCK_N, True, DOT_F32)
+            s = mm0(q, k, gate, BLOCK_H, BLOCK_N, True, DOT_F32, TRANS_B=True)
             if HAS_TAIL:
                 kt = _load_rows(k_rows + D_V, valid, offs_t, D_T, BLOCK_DT)
-                s += _qk(qt, kt, gate, BLOCK_H, BLOCK_N, True, DOT_F32)
+                s += mm0(qt, kt, gate, BLOCK_H, BLOCK_N, True, DOT_F32, TRANS_B=True)
         else:
             s = _mm(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32)
             if HAS_TAIL:
@@ -692,7 +653,7 @@ def _bwd_kernel(
                 s = _mm(qt, tl.trans(kt), s, DOT_F32)
         p = tl.exp2(s * scale_log2 - lse2[:, None])
         p = tl.where(row_ok[:, None] & valid[None, :], p, 0.0)
-        dp = _qk(do, k, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32)
+        dp = mm0(do, k, gate, BLOCK_H, BLOCK_N, SPLIT_S, DOT_F32, TRANS_B=True)
         ds = p * (f[:, None] * (dp - delta[:, None]) + dl[:, None])
         ds_lo = (ds * sm_scale).to(k.dtype)
         if DO_DQ:
@@ -821,7 +782,7 @@ def _bwd_dkv_kernel(
         at = ds_base + pos[:, None].to(tl.int64) * G + offs_g[None, :]
         ld_mask = in_len[:, None] & g_ok[None, :]
         ds = tl.load(DS + at, mask=ld_mask, other=0.0)  # [BLOCK_N, G]
-        acc = _mm0(ds, q, gate, BLOCK_N, DC, SPLIT and USE_DO, DOT_F32)
+        acc = mm0(ds, q, gate, BLOCK_N, DC, SPLIT and USE_DO, DOT_F32)
         if USE_DO:
             pf = tl.load(PF + at, mask=ld_mask, other=0.0)
             acc = _mm(pf, do, acc, DOT_F32)
