@@ -154,10 +154,11 @@ def test_kernels_use_tensor_cores_without_spills(lib_path):
     assert "LDGSTS" in sass  # cp.async gather
     assert "F2FP.F16.E4M3.UNPACK" in sass  # hardware e4m3 -> f16
     assert not re.search(r"\b(LDL|STL)\b", sass)  # no local memory
-    # the default warp-specialized kernel: wgmma for QK^T (64x32x16) and PV (64x256x16, V read
-    # transposed), register hand-over between the warpgroups, mbarrier pipeline
+    # the default warp-specialized kernel: wgmma for QK^T (one warpgroup, 64x64x16) and PV
+    # (64x256x16, V read transposed), register hand-over between the warpgroups, mbarrier
+    # pipeline
     assert "sparse_decode_wgmma_kernel" in names
-    assert "HGMMA.64x32x16.F32.BF16" in sass
+    assert "HGMMA.64x64x16.F32.BF16" in sass
     assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 .*tnspB", sass)
     assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
     assert "SYNCS.PHASECHK.TRANS64.TRYWAIT" in sass and "SYNCS.ARRIVE.TRANS64" in sass
