@@ -136,7 +136,8 @@ def dense_decode(q: Tensor, k_cache: Tensor, block_table: Tensor, cache_seqlens:
         k_cache: ``[num_blocks, block_size, h_kv, d_qk]``, q's dtype; values are ``[..., :d_v]``.
         block_table: ``[b, max_blocks]`` int32. cache_seqlens: ``[b]`` int32.
         causal: with s_q > 1, query i sees keys ``[0, cache_seqlens - s_q + i + 1)``.
-        schedule: a ``DecodeSchedule`` from ``decode_schedule(cache_seqlens)`` (optional).
+        schedule: a ``DecodeSchedule`` from ``decode_schedule(cache_seqlens, h_q=, s_q=)``
+            (optional).
 
     Returns:
         ``out [b, s_q, h_q, d_v]`` and ``lse [b, h_q, s_q]`` f32 (f64 for f64 q).
