@@ -336,8 +336,9 @@ case("sparse_decode model1 h64 s_q2 no-extra sink", _sparse_decode, "model1", 64
 case("sparse_decode model1 h128 s_q1 no-extra", _sparse_decode, "model1", 128, 1, 512)
 
 
-# the split-scores variant of sparse_decode (its VARIANT knob a dict; the cases above run
-# whatever VARIANT is, the default or TORCH_MLA_SPARSE_DECODE_VARIANT)
+# sparse_decode's other kernels (its VARIANT knob; the cases above run whatever VARIANT is: the
+# split-scores default, or TORCH_MLA_SPARSE_DECODE_VARIANT): the chunked kernel (None), still
+# selectable, and the split variant's other settings
 def _sparse_decode_variant(variant, *args, **kwargs):
     import torch_mla.triton.sparse_decode as sd
     old = sd.VARIANT
@@ -348,12 +349,12 @@ def _sparse_decode_variant(variant, *args, **kwargs):
         sd.VARIANT = old
 
 
-case("sparse_decode split v32 h128 s_q2", _sparse_decode_variant, {}, "v32", 128, 2, 2048)
-case("sparse_decode split v32 h64 s_q1 lens+sink", _sparse_decode_variant, {}, "v32", 64, 1,
+case("sparse_decode chunked v32 h128 s_q2", _sparse_decode_variant, None, "v32", 128, 2, 2048)
+case("sparse_decode chunked v32 h64 s_q1 lens+sink", _sparse_decode_variant, None, "v32", 64, 1,
      2048, lens=True, sink=True)
 for _h in (128, 64):
-    case(f"sparse_decode split model1 h{_h} s_q2 extra+lens+sink", _sparse_decode_variant, {},
-         "model1", _h, 2, 128, lens=True, sink=True, extra_topk=512 if _h == 64 else 1024)
+    case(f"sparse_decode chunked model1 h{_h} s_q2 extra+lens+sink", _sparse_decode_variant,
+         None, "model1", _h, 2, 128, lens=True, sink=True, extra_topk=512 if _h == 64 else 1024)
 case("sparse_decode split v32 h128 s_q2 (chained, row sums)", _sparse_decode_variant,
      {"split_s": False, "defer_sum": False}, "v32", 128, 2, 2048)
 
