@@ -38,6 +38,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 
 # Backward candidates that compile within shared memory under Triton 3.6 (tools/
 # triton_compile_check.py), each with every setting it depends on, so that a name means the same
@@ -145,11 +146,60 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _bench(fn, dry, warmup, rep):
+    """Median ms of fn: triton.testing.do_bench on the GPU, one timed call under --dry."""
+    if dry:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def _problem(s_q, h_q, d_qk, s_kv, topk, dev):
+    """The benchmark's inputs (seed 0): q, kv (one kv head) and one randperm row set per query."""
+    import torch
+    torch.manual_seed(0)
+    q = torch.randn(s_q, h_q, d_qk, device=dev).bfloat16()
+    kv = torch.randn(s_kv, 1, d_qk, device=dev).bfloat16()
+    idx = torch.argsort(torch.rand(s_q, s_kv, device=dev), dim=1)[:, :topk]
+    return q, kv, idx.int().view(s_q, 1, topk).contiguous()
+
+
+def _corner(idx, h_q, s_kv, topk, dev):
+    """(indices, sink, lengths) of the corner case over idx's queries: ~10% of the indices
+    invalid (-1 or past s_kv), columns 1 and 7 duplicating column 0, query 0 with nothing valid,
+    sinks +inf / -inf on the first / last head, lengths negative and past topk on the last two
+    queries (query 1 keeps a random length when there are more than three)."""
+    import torch
+    n = idx.shape[0]
+    cidx = idx.clone()
+    bad = torch.rand(cidx.shape, device=dev) < 0.1
+    cidx = torch.where(bad, torch.where(torch.rand(cidx.shape, device=dev) < 0.5,
+                                        torch.full_like(cidx, -1),
+                                        torch.full_like(cidx, s_kv + 5)), cidx)
+    cidx[:, :, 1] = cidx[:, :, 0]
+    cidx[:, :, 7] = cidx[:, :, 0]
+    cidx[0] = -1
+    sink = torch.randn(h_q, device=dev)
+    sink[0], sink[-1] = float("inf"), float("-inf")
+    lens = torch.randint(0, topk + 1, (n,), device=dev, dtype=torch.int32)
+    if n >= 3:
+        lens[n - 2], lens[n - 1] = -3, topk + 7
+    return cidx, sink, lens
+
+
+def _failure(e, dry):
+    """(the exception in one line, whether this process must stop: a CUDA fault leaves a sticky
+    error, so the caller restarts the candidates left in a fresh process)"""
+    text = str(e).strip()
+    msg = f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"
+    return msg, not dry and ("CUDA" in msg or "illegal" in msg or "cuda" in msg)
+
+
 def time_forward(names, d_qk, check_sq, dry, flashmla=True):
     """See the module docstring (--time-fwd); one d_qk. Returns the names not run (after a CUDA
     fault)."""
-    import time
-
     import torch
     import torch_mla
     from torch_mla.triton import sparse_prefill as sp
@@ -172,85 +222,64 @@ def time_forward(names, d_qk, check_sq, dry, flashmla=True):
             print(f"flash_mla not importable ({type(e).__name__}: {e})", flush=True)
 
     def bench(fn):
-        if dry:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+        return _bench(fn, dry, 25, 150)
 
     todo = list(names)
-    if True:
-        torch.manual_seed(0)
-        q = torch.randn(s_q, h_q, d_qk, device=dev).bfloat16()
-        kv = torch.randn(s_kv, 1, d_qk, device=dev).bfloat16()
-        idx = torch.argsort(torch.rand(s_q, s_kv, device=dev), dim=1)[:, :topk]
-        idx = idx.int().view(s_q, 1, topk).contiguous()
-        scale = d_qk ** -0.5
-        args = (q, kv, idx, scale, d_v, None, None)
-        with torch_mla.use_backend("reference"):
-            ref = torch.ops.mla.sparse_prefill(q[:check_sq], kv, idx[:check_sq], scale, d_v,
-                                               None, None)
-        # corner case: sink with +-inf, lengths (negative, 0, past topk), invalid / duplicated
-        # indices, a query with nothing valid
-        cq = torch.randn(cs, h_q, d_qk, device=dev).bfloat16()
-        cidx = idx[:cs].clone()
-        bad = torch.rand(cidx.shape, device=dev) < 0.1
-        cidx = torch.where(bad, torch.where(torch.rand(cidx.shape, device=dev) < 0.5,
-                                            torch.full_like(cidx, -1),
-                                            torch.full_like(cidx, s_kv + 5)), cidx)
-        cidx[:, :, 1] = cidx[:, :, 0]
-        cidx[0] = -1
-        sink = torch.randn(h_q, device=dev)
-        sink[0], sink[-1] = float("inf"), float("-inf")
-        lens = torch.randint(0, topk + 1, (cs,), device=dev, dtype=torch.int32)
-        lens[1], lens[2] = -3, topk + 7
-        cargs = (cq, kv, cidx, scale, d_v, sink, lens)
-        with torch_mla.use_backend("reference"):
-            cref = torch.ops.mla.sparse_prefill(*cargs)
-        flops = 2 * s_q * h_q * topk * (d_qk + d_v)
-        saved_variant = sp.FWD_VARIANT
-        while todo:
-            name = todo.pop(0)
-            sp.FWD_VARIANT = None if FWD_CANDIDATES[name] is None else dict(FWD_CANDIDATES[name])
-            try:
-                with torch_mla.use_backend("triton"):
-                    out, ml, lse = torch.ops.mla.sparse_prefill(*args)
-                    if not dry:
-                        torch.cuda.synchronize()
-                    err = _rel(out[:check_sq], ref[0])
-                    fin = torch.isfinite(ref[2])
-                    dlse = (lse[:check_sq][fin] - ref[2][fin]).abs().max().item()
-                    dml = (ml[:check_sq][fin] - ref[1][fin]).abs().max().item()
-                    c = torch.ops.mla.sparse_prefill(*cargs)
-                    cfin = torch.isfinite(cref[2])
-                    cerr = _rel(c[0], cref[0])
-                    cok = (torch.equal(c[2] == float("inf"), cref[2] == float("inf"))
-                           and torch.equal(c[1] == float("-inf"), cref[1] == float("-inf"))
-                           and torch.isfinite(c[0]).all().item()
-                           and (c[2][cfin] - cref[2][cfin]).abs().max().item() < 1e-3
-                           and (c[1][cfin] - cref[1][cfin]).abs().max().item() < 1e-3)
-                    ok = err < 2e-2 and dlse < 1e-3 and dml < 1e-3 and cerr < 2e-2 and cok
-                    ms = bench(lambda: torch.ops.mla.sparse_prefill(*args))
-                print(f"fwd d_qk {d_qk} {name:<16} {'OK  ' if ok else 'BAD '} out rel {err:.1e} "
-                      f"lse {dlse:.1e} ml {dml:.1e} corner {cerr:.1e}{'' if cok else ' (stats!)'}"
-                      f" | {ms * 1e3:9.1f} us {flops / ms / 1e9:6.1f} TFLOPS", flush=True)
-            except Exception as e:  # noqa: BLE001 - report, go on (or restart after a fault)
-                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                print(f"fwd d_qk {d_qk} {name:<16} FAIL {msg}", flush=True)
-                if not dry and ("CUDA" in msg or "illegal" in msg or "cuda" in msg):
-                    return todo
-        sp.FWD_VARIANT = saved_variant
-        if flash_mla is not None:
-            try:
-                fn = lambda: flash_mla.flash_mla_sparse_fwd(q, kv, idx, scale, d_v)
-                fo = fn()
-                err = _rel(fo[0][:check_sq], ref[0])
-                ms = bench(fn)
-                print(f"fwd d_qk {d_qk} {'FlashMLA':<16} out rel {err:.1e} | {ms * 1e3:9.1f} us "
-                      f"{flops / ms / 1e9:6.1f} TFLOPS", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"fwd d_qk {d_qk} FlashMLA FAIL {type(e).__name__}: {e}", flush=True)
+    q, kv, idx = _problem(s_q, h_q, d_qk, s_kv, topk, dev)
+    scale = d_qk ** -0.5
+    args = (q, kv, idx, scale, d_v, None, None)
+    with torch_mla.use_backend("reference"):
+        ref = torch.ops.mla.sparse_prefill(q[:check_sq], kv, idx[:check_sq], scale, d_v,
+                                           None, None)
+    # the corner case (see _corner), on fresh queries
+    cq = torch.randn(cs, h_q, d_qk, device=dev).bfloat16()
+    cidx, sink, lens = _corner(idx[:cs], h_q, s_kv, topk, dev)
+    cargs = (cq, kv, cidx, scale, d_v, sink, lens)
+    with torch_mla.use_backend("reference"):
+        cref = torch.ops.mla.sparse_prefill(*cargs)
+    flops = 2 * s_q * h_q * topk * (d_qk + d_v)
+    saved_variant = sp.FWD_VARIANT
+    while todo:
+        name = todo.pop(0)
+        sp.FWD_VARIANT = None if FWD_CANDIDATES[name] is None else dict(FWD_CANDIDATES[name])
+        try:
+            with torch_mla.use_backend("triton"):
+                out, ml, lse = torch.ops.mla.sparse_prefill(*args)
+                if not dry:
+                    torch.cuda.synchronize()
+                err = _rel(out[:check_sq], ref[0])
+                fin = torch.isfinite(ref[2])
+                dlse = (lse[:check_sq][fin] - ref[2][fin]).abs().max().item()
+                dml = (ml[:check_sq][fin] - ref[1][fin]).abs().max().item()
+                c = torch.ops.mla.sparse_prefill(*cargs)
+                cfin = torch.isfinite(cref[2])
+                cerr = _rel(c[0], cref[0])
+                cok = (torch.equal(c[2] == float("inf"), cref[2] == float("inf"))
+                       and torch.equal(c[1] == float("-inf"), cref[1] == float("-inf"))
+                       and torch.isfinite(c[0]).all().item()
+                       and (c[2][cfin] - cref[2][cfin]).abs().max().item() < 1e-3
+                       and (c[1][cfin] - cref[1][cfin]).abs().max().item() < 1e-3)
+                ok = err < 2e-2 and dlse < 1e-3 and dml < 1e-3 and cerr < 2e-2 and cok
+                ms = bench(lambda: torch.ops.mla.sparse_prefill(*args))
+            print(f"fwd d_qk {d_qk} {name:<16} {'OK  ' if ok else 'BAD '} out rel {err:.1e} "
+                  f"lse {dlse:.1e} ml {dml:.1e} corner {cerr:.1e}{'' if cok else ' (stats!)'}"
+                  f" | {ms * 1e3:9.1f} us {flops / ms / 1e9:6.1f} TFLOPS", flush=True)
+        except Exception as e:  # noqa: BLE001 - report, go on (or restart after a fault)
+            msg, fault = _failure(e, dry)
+            print(f"fwd d_qk {d_qk} {name:<16} FAIL {msg}", flush=True)
+            if fault:
+                return todo
+    sp.FWD_VARIANT = saved_variant
+    if flash_mla is not None:
+        try:
+            fn = lambda: flash_mla.flash_mla_sparse_fwd(q, kv, idx, scale, d_v)
+            fo = fn()
+            err = _rel(fo[0][:check_sq], ref[0])
+            ms = bench(fn)
+            print(f"fwd d_qk {d_qk} {'FlashMLA':<16} out rel {err:.1e} | {ms * 1e3:9.1f} us "
+                  f"{flops / ms / 1e9:6.1f} TFLOPS", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"fwd d_qk {d_qk} FlashMLA FAIL {type(e).__name__}: {e}", flush=True)
     return []
 
 
@@ -265,7 +294,6 @@ def _apply(sp, settings, saved):
 def time_backward_candidates(names, s_kv, check_sq, dry, deadline):
     """See the module docstring (--time-bwd); one s_kv. Returns the names not run (after a CUDA
     fault)."""
-    import time
 
     import torch
     import torch_mla
@@ -282,12 +310,7 @@ def time_backward_candidates(names, s_kv, check_sq, dry, deadline):
           flush=True)
 
     def bench(fn):
-        if dry:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        return _bench(fn, dry, 50, 300)
 
     def sync():
         if not dry:
@@ -296,32 +319,15 @@ def time_backward_candidates(names, s_kv, check_sq, dry, deadline):
     keys = sorted({k for v in BWD_CANDIDATES.values() for k in v})
     saved = {k: getattr(sp, k) for k in keys}
     dkv_kernel = sp._bwd_dkv_kernel
-    torch.manual_seed(0)
-    q = torch.randn(s_q, h_q, d_qk, device=dev).bfloat16()
-    kv = torch.randn(s_kv, 1, d_qk, device=dev).bfloat16()
-    idx = torch.argsort(torch.rand(s_q, s_kv, device=dev), dim=1)[:, :topk]
-    idx = idx.int().view(s_q, 1, topk).contiguous()
+    q, kv, idx = _problem(s_q, h_q, d_qk, s_kv, topk, dev)
     scale = d_qk ** -0.5
     with torch_mla.use_backend("triton"):
         out, _, lse = torch.ops.mla.sparse_prefill(q, kv, idx, scale, d_v, None, None)
     dout, dlse = torch.randn_like(out), torch.zeros_like(lse)
     bargs = (dout, dlse, q, kv, idx, out, lse, scale, d_v, None, None)
-    # the reduced check: sink with +-inf, lengths (negative, 0, past topk), invalid and
-    # duplicated indices, a query with nothing valid, random dlse
+    # the reduced check: the corner case (see _corner) on the first queries, random dlse
     cq = q[:check_sq].clone()
-    cidx = idx[:check_sq].clone()
-    bad = torch.rand(cidx.shape, device=dev) < 0.1
-    cidx = torch.where(bad, torch.where(torch.rand(cidx.shape, device=dev) < 0.5,
-                                        torch.full_like(cidx, -1),
-                                        torch.full_like(cidx, s_kv + 5)), cidx)
-    cidx[:, :, 1] = cidx[:, :, 0]
-    cidx[:, :, 7] = cidx[:, :, 0]
-    cidx[0] = -1
-    sink = torch.randn(h_q, device=dev)
-    sink[0], sink[-1] = float("inf"), float("-inf")
-    lens = torch.randint(0, topk + 1, (check_sq,), device=dev, dtype=torch.int32)
-    if check_sq > 3:  # query 1 keeps a random length
-        lens[2], lens[3] = -3, topk + 7
+    cidx, sink, lens = _corner(idx[:check_sq], h_q, s_kv, topk, dev)
     with torch_mla.use_backend("reference"):
         cout, _, clse = torch.ops.mla.sparse_prefill(cq, kv, cidx, scale, d_v, sink, lens)
         cdout = torch.randn_like(cout)
@@ -370,9 +376,9 @@ def time_backward_candidates(names, s_kv, check_sq, dry, deadline):
                   f"{flops / ms / 1e9:6.1f} TFLOPS{p1}", flush=True)
         except Exception as e:  # noqa: BLE001 - report, go on (or restart after a fault)
             sp._bwd_dkv_kernel = dkv_kernel
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            msg, fault = _failure(e, dry)
             print(f"bwd s_kv {s_kv} {name:<20} FAIL {msg}", flush=True)
-            if not dry and ("CUDA" in msg or "illegal" in msg or "cuda" in msg):
+            if fault:
                 return todo
     _apply(sp, {}, saved)
     return []
@@ -512,7 +518,6 @@ def main():
                     print(f"restarting for {todo}", flush=True)
         return
     if a.time_bwd is not None:
-        import time
         names = a.time_bwd or list(BWD_TIME_DEFAULT)
         unknown = [n for n in names if n not in BWD_CANDIDATES]
         if unknown:
